@@ -1,0 +1,52 @@
+"""Run configuration: one dataclass with commented defaults, plus named presets. The CLI fills it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class RunConfig:
+    target: str = "smollm2-135m"  # preset name, model folder, .gguf path or hub id
+    backend: str = "auto"  # native | hf | auto (the preset's default)
+    drafters: tuple[str, ...] = ("ar", "ngram", "layerskip")  # ar always runs first: it is the baseline
+    suite: str = "mini"  # mini | humaneval | calibration | path to a question.jsonl
+    limit: int | None = None  # at most this many prompts
+    per_category: int | None = None  # at most this many prompts per category
+    max_new_tokens: int = 128  # per turn
+    temperature: float = 0.0  # 0 = greedy
+    k: int = 5  # draft tokens per step (chains)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda[:N]
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
+    max_len: int = 2048  # KV cache slots per sequence
+    out: str = "results"  # parent folder of the run folder
+    run_id: str | None = None  # default: <target>-<suite>-<timestamp>
+    resume: bool = False  # skip prompts already finished in an existing run folder
+    overwrite: bool = False  # replace an existing run folder
+    verify_backend: str = "auto"  # triton | torch | auto (triton on CUDA)
+    meter: bool = True  # information-surplus meter on/off
+    layerskip_layers: int | None = None  # default: a third of the target's layers
+    draft_model: str | None = None  # for the `model` drafter: preset, folder, .gguf or hub id
+    head: str | None = None  # for eagle drafters: head folder (default: the one shipped for the target)
+    depth: int | None = None  # eagle trees: draft depth
+    top_k: int | None = None  # eagle trees: children per expanded node
+    total_tokens: int | None = None  # eagle trees: nodes verified per step
+    warmup: int = 1  # warm-up prompts per drafter before timing (not recorded)
+    batch_size: int = 1
+    fast: bool | None = None  # CUDA graphs on the native backend (default: on for CUDA)
+    command: str = ""  # the exact command line, recorded in env.json
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, dict] = {
+    # `make bench` on 2 CPU cores: every drafter on SmolLM2, two mini prompts per category
+    "bench-cpu": dict(suite="mini", per_category=2, max_new_tokens=64,
+                      drafters=("ar", "ngram", "layerskip", "eagle", "hf-generate", "hf-prompt-lookup")),
+    # the GPU comparison of the core issue
+    "humaneval-gpu": dict(suite="humaneval", max_new_tokens=256,
+                          drafters=("ar", "ngram", "layerskip", "hf-generate", "hf-prompt-lookup")),
+}

@@ -1,0 +1,103 @@
+"""`spec-harness run` and `spec-harness list`."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from harness.config import PRESETS, RunConfig
+from harness.errors import UserError
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def register(sub) -> None:
+    d = RunConfig()
+    p = sub.add_parser("run", help="benchmark drafters on a suite", description="Benchmark drafters on a suite.")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="named defaults (flags given explicitly win)")
+    p.add_argument("--target", default=None, help=f"preset, model folder, .gguf or hub id (default {d.target})")
+    p.add_argument("--backend", default=None, help="native | hf | auto")
+    p.add_argument("--drafters", type=_csv, default=None, help="comma-separated (default ar,ngram,layerskip)")
+    p.add_argument("--suite", default=None, help="mini | humaneval | calibration (default mini)")
+    p.add_argument("--prompts", default=None, help="a Spec-Bench / FastChat question.jsonl (replaces --suite)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many prompts")
+    p.add_argument("--per-category", type=int, default=None, help="at most this many prompts per category")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--k", type=int, default=None, help="draft tokens per step (1..64)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="auto | cpu | cuda")
+    p.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--max-len", type=int, default=None, help="KV cache slots per sequence")
+    p.add_argument("--out", default=None, help="parent folder of the run folder (default results/)")
+    p.add_argument("--run-id", default=None, help="name of the run folder")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run, skipping finished prompts")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--verify-backend", choices=("auto", "triton", "torch"), default=None)
+    p.add_argument("--meter", choices=("on", "off"), default=None, help="information-surplus meter (default on)")
+    p.add_argument("--layerskip-layers", type=int, default=None)
+    p.add_argument("--draft-model", default=None)
+    p.add_argument("--head", default=None, help="EAGLE head folder")
+    p.add_argument("--depth", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--total-tokens", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.set_defaults(func=cmd_run)
+
+    ls = sub.add_parser("list", help="list targets, drafters and suites")
+    ls.set_defaults(func=cmd_list)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    values = dict(PRESETS[args.preset]) if args.preset else {}
+    for key in ("target", "backend", "drafters", "suite", "limit", "per_category", "max_new_tokens", "temperature",
+                "k", "seed", "device", "dtype", "max_len", "out", "run_id", "verify_backend", "layerskip_layers",
+                "draft_model", "head", "depth", "top_k", "total_tokens", "warmup", "batch_size"):
+        v = getattr(args, key)
+        if v is not None:
+            values[key] = v
+    if args.prompts:
+        values["suite"] = args.prompts
+    if args.meter is not None:
+        values["meter"] = args.meter == "on"
+    values.update(resume=args.resume, overwrite=args.overwrite,
+                  command=" ".join(shlex.quote(a) for a in ["spec-harness"] + sys.argv[1:]))
+    return RunConfig(**values)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from harness.runner import run
+    from harness.summary import format_table, write_summary
+
+    cfg = config_from_args(args)
+    out = run(cfg)
+    df = write_summary(out)
+    print(format_table(df))
+    print(f"\nresults: {out}/ (summary.md, summary.csv, steps.jsonl, prompts.jsonl, env.json)")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from harness.drafters import DRAFTERS
+    from harness.suites import list_suites
+    from harness.targets.loading import PRESETS as TARGETS
+
+    print("targets:")
+    for name, p in TARGETS.items():
+        print(f"  {name:18s} {p.description} (package {p.package})")
+    print("  (or a transformers model folder, a .gguf file, a hub id)")
+    print("drafters:")
+    for name, text in DRAFTERS.items():
+        print(f"  {name:18s} {text}")
+    print("suites:")
+    for name, text in list_suites().items():
+        print(f"  {name:18s} {text}")
+    print("  (or --prompts FILE: a Spec-Bench / FastChat question.jsonl)")
+    return 0
+
+
+__all__ = ["register", "UserError"]

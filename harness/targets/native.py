@@ -1,0 +1,214 @@
+"""`native` backend: one compact implementation of the Llama family (Llama / SmolLM2, Qwen2, Mistral)
+that loads transformers weights (sharing the tensors) and keeps a preallocated KV cache indexed by slot.
+
+Decode, verify and tree-verify are the same forward: T new tokens at per-sequence positions with a
+[B, 1, T, S] boolean mask. With `static=True` the attention always spans the whole cache (S = max_len),
+so every step of a given T has the same shapes and no host sync: what a CUDA graph needs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.errors import UserError
+from harness.targets.base import Target, TargetOutput, causal_or_tree_mask
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+
+@dataclass
+class LlamaSpec:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    attention_bias: bool
+
+    @classmethod
+    def from_hf_config(cls, cfg) -> "LlamaSpec":
+        if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UserError(f"the native backend supports {', '.join(SUPPORTED_MODEL_TYPES)} models, not "
+                            f"'{cfg.model_type}': use --backend hf")
+        rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+        theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3", "linear"):
+            raise UserError(f"rope type '{rope_type}' is not implemented by the native backend: use --backend hf")
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+            num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+            head_dim=head_dim, rms_eps=cfg.rms_norm_eps, rope_theta=float(theta),
+            rope_scaling=rope if rope_type != "default" else None,
+            attention_bias=bool(getattr(cfg, "attention_bias", cfg.model_type == "qwen2")),
+        )
+
+
+def rope_inv_freq(spec: LlamaSpec) -> torch.Tensor:
+    d = spec.head_dim
+    inv = 1.0 / (spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    sc = spec.rope_scaling
+    if sc is None:
+        return inv
+    kind = sc.get("rope_type", sc.get("type"))
+    if kind == "linear":
+        return inv / sc["factor"]
+    # llama3: long wavelengths scaled by factor, short kept, smooth blend between
+    factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+    old = sc["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    smooth = (old / wavelen - lo) / (hi - lo)
+    scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+    mid = (wavelen <= old / lo) & (wavelen >= old / hi)
+    return torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [B, H, T, D]; cos/sin [B, 1, T, D]
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+class Block(nn.Module):
+    """One decoder layer; holds references to the transformers layer's weights."""
+
+    def __init__(self, hf_layer, spec: LlamaSpec):
+        super().__init__()
+        att, mlp = hf_layer.self_attn, hf_layer.mlp
+        self.spec = spec
+        self.ln1 = hf_layer.input_layernorm.weight
+        self.ln2 = hf_layer.post_attention_layernorm.weight
+        self.wq, self.wk, self.wv, self.wo = att.q_proj, att.k_proj, att.v_proj, att.o_proj
+        self.gate, self.up, self.down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+
+    def forward(self, x, cos, sin, k_cache, v_cache, slots, mask):
+        # x [B, T, H]; k_cache/v_cache [B, Hkv, S, D]; slots [B, T]; mask [B, 1, T, S_att]
+        s = self.spec
+        B, T, _ = x.shape
+        h = rms_norm(x, self.ln1, s.rms_eps)
+        q = self.wq(h).view(B, T, s.num_heads, s.head_dim).transpose(1, 2)  # [B, Hq, T, D]
+        k = self.wk(h).view(B, T, s.num_kv_heads, s.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.wv(h).view(B, T, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        b_idx = torch.arange(B, device=x.device)[:, None]
+        k_cache[b_idx, :, slots] = k.transpose(1, 2)  # [B, T, Hkv, D] into slots
+        v_cache[b_idx, :, slots] = v.transpose(1, 2)
+        S = mask.shape[-1]
+        att = F.scaled_dot_product_attention(q, k_cache[:, :, :S], v_cache[:, :, :S], attn_mask=mask,
+                                             enable_gqa=s.num_heads != s.num_kv_heads)
+        x = x + self.wo(att.transpose(1, 2).reshape(B, T, s.num_heads * s.head_dim))
+        h = rms_norm(x, self.ln2, s.rms_eps)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+class NativeLM(nn.Module):
+    """The Llama-family forward over a slot-indexed cache. Shares its weights with a transformers model."""
+
+    def __init__(self, hf_model, num_layers: int | None = None):
+        super().__init__()
+        spec = LlamaSpec.from_hf_config(hf_model.config)
+        inner = hf_model.model
+        n = spec.num_layers if num_layers is None else num_layers
+        self.spec = spec
+        self.embed = inner.embed_tokens
+        self.blocks = nn.ModuleList(Block(layer, spec) for layer in inner.layers[:n])
+        self.norm = inner.norm.weight
+        self.lm_head = hf_model.lm_head
+        self.register_buffer("inv_freq", rope_inv_freq(spec).float(), persistent=False)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        ang = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
+        ang = torch.cat((ang, ang), dim=-1)[:, None]  # [B, 1, T, D]
+        return ang.cos().to(dtype), ang.sin().to(dtype)
+
+    def forward(self, ids, positions, k_cache, v_cache, slots, mask, hidden_layers=()):
+        x = self.embed(ids)  # [B, T, H]
+        cos, sin = self.rope(positions, x.dtype)
+        hidden = {}
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, k_cache[i], v_cache[i], slots, mask)
+            if i in hidden_layers:
+                hidden[i] = x
+        logits = self.lm_head(rms_norm(x, self.norm, self.spec.rms_eps))  # [B, T, V]
+        return logits, hidden
+
+
+class NativeTarget(Target):
+    backend = "native"
+
+    def __init__(self, hf_model, tokenizer, name: str, max_len: int = 2048, num_layers: int | None = None,
+                 static: bool = False):
+        self.model = NativeLM(hf_model, num_layers=num_layers).eval()
+        self.hf_model = hf_model
+        self.tokenizer = tokenizer
+        self.name = name
+        spec = self.model.spec
+        self.vocab_size, self.hidden_size = spec.vocab_size, spec.hidden_size
+        self.num_layers = self.model.num_layers
+        p = next(hf_model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.max_len = max_len
+        self.static = static
+        self.reset(1)
+
+    def reset(self, batch_size: int = 1) -> None:
+        s = self.model.spec
+        shape = (self.num_layers, batch_size, s.num_kv_heads, self.max_len, s.head_dim)  # [L, B, Hkv, S, D]
+        if getattr(self, "k_cache", None) is None or self.k_cache.shape != shape:
+            self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+            self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+
+    def _span(self, T: int) -> int:
+        if self.static:
+            return self.max_len
+        need = int(self.lengths.max()) + T  # one host read per step, only off the static path
+        if need > self.max_len:
+            raise UserError(f"sequence of {need} tokens exceeds the cache ({self.max_len}): raise --max-len")
+        return need
+
+    @torch.inference_mode()
+    def forward(self, ids, positions=None, tree_mask=None, hidden_layers=()):
+        T = ids.shape[1]
+        slots = self.default_positions(T)  # [B, T] cache slots of the new tokens
+        positions = slots if positions is None else positions
+        mask = causal_or_tree_mask(self.lengths, T, self._span(T), tree_mask)
+        wanted = tuple(range(self.num_layers)[h] for h in hidden_layers)
+        logits, hidden = self.model(ids, positions, self.k_cache, self.v_cache, slots, mask, wanted)
+        hidden = {h: hidden[range(self.num_layers)[h]] for h in hidden_layers}
+        return TargetOutput(logits=logits, hidden=hidden)
+
+    @torch.inference_mode()
+    def commit_path(self, slots, n):
+        # slots [B, D] offsets from lengths of the kept nodes (in path order), n [B]
+        B, D = slots.shape
+        src = self.lengths[:, None] + slots.clamp(min=0)  # [B, D]
+        dst = self.lengths[:, None] + torch.arange(D, device=self.device)[None, :]
+        src = torch.where(slots >= 0, src, dst)  # padding copies onto itself
+        b_idx = torch.arange(B, device=self.device)[:, None]
+        for cache in (self.k_cache, self.v_cache):
+            moved = cache[:, b_idx, :, src]  # [L, B, D, Hkv, Dh]
+            cache[:, b_idx, :, dst] = moved
+        self.commit(n)

@@ -1,0 +1,65 @@
+"""Verification: from the target's logits and a proposal to the emitted tokens.
+
+One entry point for chains and one for trees; both call spec_kernels, whose backend is the Triton
+kernel on CUDA and the float64 torch reference on CPU (`--verify-backend triton|torch|auto`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from harness.types import Proposal, VerifyOutput
+
+
+def _backend(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return name
+
+
+def verify_chain(logits: torch.Tensor, proposal: Proposal, temperature: float, seed: int,
+                 positions: torch.Tensor, backend: str = "auto") -> VerifyOutput:
+    """logits [B, K+1, V] of the step's forward (row 0 scores draft 1, row K the bonus token);
+    positions [B] sequence position of the first draft (keys the counter-based RNG)."""
+    from spec_kernels import verify_chain as kernel
+
+    B, K1, V = logits.shape
+    K = K1 - 1
+    dev = logits.device
+    if proposal.num_draft is None or K == 0:
+        counts = torch.full((B,), K, dtype=torch.long, device=dev)
+        rows = logits.reshape(B * K1, V)  # every request drafted K
+        draft_ids = proposal.tokens.reshape(-1)
+        q = proposal.q.reshape(B * K, V) if proposal.q is not None else None
+    else:  # ragged drafts (e.g. ngram): gather each request's K_b + 1 rows
+        counts = proposal.num_draft.to(dev)
+        k_host = proposal.num_draft.tolist()
+        row_idx = torch.cat([b * K1 + torch.arange(k + 1) for b, k in enumerate(k_host)]).to(dev)
+        rows = logits.reshape(B * K1, V).index_select(0, row_idx)
+        keep = torch.cat([b * K + torch.arange(k) for b, k in enumerate(k_host)]).to(dev)
+        draft_ids = proposal.tokens.reshape(-1).index_select(0, keep)
+        q = proposal.q.reshape(B * K, V).index_select(0, keep) if proposal.q is not None else None
+    cu = torch.zeros(B + 1, dtype=torch.long, device=dev)
+    cu[1:] = torch.cumsum(counts, 0)
+    temp = torch.full((B,), float(temperature), dtype=torch.float32, device=dev)
+    seeds = torch.full((B,), int(seed), dtype=torch.long, device=dev)
+    res = kernel(rows, cu, draft_ids, q, temp, seeds, positions.to(dev), backend=_backend(backend, dev))
+    stats = dict(res.stats)
+    stats["cu_num_draft"] = cu
+    return VerifyOutput(emitted=res.emitted, num_accepted=res.num_accepted, error=res.error, stats=stats)
+
+
+def verify_tree(logits: torch.Tensor, proposal: Proposal, temperature: float, seed: int,
+                positions: torch.Tensor, backend: str = "auto") -> VerifyOutput:
+    """logits [B, T, V] at every tree node; proposal.tokens/parents [B, T]; positions [B] of depth 1."""
+    from spec_kernels import verify_tree as kernel
+
+    B, T, _ = logits.shape
+    dev = logits.device
+    temp = torch.full((B,), float(temperature), dtype=torch.float32, device=dev)
+    seeds = torch.full((B,), int(seed), dtype=torch.long, device=dev)
+    num_nodes = proposal.num_nodes if proposal.num_nodes is not None else torch.full((B,), T, dtype=torch.long)
+    res = kernel(logits, proposal.tokens, proposal.parents, num_nodes.to(dev), proposal.q, temp, seeds,
+                 positions.to(dev), backend=_backend(backend, dev))
+    return VerifyOutput(emitted=res.emitted, num_accepted=res.num_accepted, path=res.path, error=res.error,
+                        stats=dict(res.stats))
