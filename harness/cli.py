@@ -13,7 +13,7 @@ from harness.errors import UserError
 # Modules that provide subcommands, in the order `spec-harness --help` lists them.
 COMMANDS = (
     "harness.run_cli",
-    "harness.summary", "harness.report", "harness.specbench",
+    "harness.summary", "harness.report", "harness.specbench", "harness.calibrate", "harness.profile",
 )
 
 
