@@ -94,7 +94,8 @@ def decode(target, drafter: Drafter, prompt_ids: list[int], *, max_new_tokens: i
         result.steps.append(dict(drafted=drafted, depth=depth, accepted=n_acc, emitted=len(emitted),
                                  **clock.take()))
     if meter is not None:
-        result.meter = meter.flush([out_ids], [list(prompt_ids)])[0]
+        # the first token came from the prefill, not from an observed step: it is context for the meter
+        result.meter = meter.flush([out_ids[1:]], [list(prompt_ids) + out_ids[:1]])[0]
     return result
 
 

@@ -17,10 +17,13 @@ from harness.config import RunConfig
 from harness.decode import decode
 from harness.drafters import build_drafter, is_peer, validate_drafters
 from harness.errors import UserError
+from harness.fast import enable_fast, enable_fast_drafter, resolve_fast
 from harness.records import JsonlWriter, read_jsonl
 from harness.suites import Prompt, load_suite
 from harness.targets import load_target
 from harness.timing import PhaseClock
+
+BASES = Path(__file__).resolve().parent / "heads"  # shipped n-gram base predictors: <target>.ngram.json.gz
 
 
 def validate(cfg: RunConfig) -> None:
@@ -36,15 +39,19 @@ def validate(cfg: RunConfig) -> None:
 
 
 def run_dir_for(cfg: RunConfig) -> Path:
+    """The run folder; refuses an existing one unless --resume or --overwrite. Creates nothing."""
     run_id = cfg.run_id or f"{Path(cfg.target).stem}-{Path(cfg.suite).stem}-{datetime.now():%Y%m%d-%H%M%S}"
     path = Path(cfg.out) / run_id
-    if path.exists() and any(path.iterdir()):
-        if cfg.overwrite:
-            shutil.rmtree(path)
-        elif not cfg.resume:
-            raise UserError(f"output folder {path} exists: pass --resume to continue it or --overwrite to replace it")
-    path.mkdir(parents=True, exist_ok=True)
+    if path.exists() and any(path.iterdir()) and not (cfg.overwrite or cfg.resume):
+        raise UserError(f"output folder {path} exists: pass --resume to continue it or --overwrite to replace it")
     return path
+
+
+def make_run_dir(cfg: RunConfig, path: Path) -> None:
+    """Creates the run folder once the target and drafters loaded (a bad flag leaves nothing behind)."""
+    if path.exists() and cfg.overwrite and not cfg.resume:
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
 
 
 def git_commit() -> str | None:
@@ -70,6 +77,10 @@ def environment(cfg: RunConfig, target) -> dict:
                triton=triton_version, dtype=str(target.dtype).replace("torch.", ""), seed=cfg.seed,
                target=target.name, backend=target.backend, git_commit=git_commit(), command=cfg.command,
                threads=torch.get_num_threads(), host=platform.node(), time=datetime.now().isoformat(timespec="seconds"))
+    model = getattr(target, "hf_model", None) or getattr(target, "model", None)
+    placement = getattr(model, "hf_device_map", None)  # set by accelerate when it spread the model over devices
+    env["device_map"] = placement or ({"": str(dev)} if cfg.device_map else None)  # --device-map auto: module -> device
+    env["fast"] = cfg.fast  # harness.fast: steps replayed as CUDA graphs
     if dev.type == "cuda":
         try:
             env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -146,21 +157,40 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def run(cfg: RunConfig) -> Path:
+def run(cfg: RunConfig, out: Path | None = None, rank: int = 0, world: int = 1, after_prompt=None) -> Path:
+    """Decodes the suite into the run folder. harness.distributed passes `out` (the rank's shard folder),
+    `rank` and `world`: this process then decodes prompts[rank::world] only, and calls `after_prompt()`
+    after each finished prompt record."""
     validate(cfg)
     prompts = load_suite(cfg.suite, limit=cfg.limit, per_category=cfg.per_category)
     if not prompts:
         raise UserError(f"suite '{cfg.suite}' selected no prompts")
-    out = run_dir_for(cfg)
-    target = load_target(cfg.target, backend=cfg.backend, device=cfg.device, dtype=cfg.dtype, max_len=cfg.max_len)
+    out = run_dir_for(cfg) if out is None else out
+    prompts = prompts[rank::world]  # round-robin by prompt index (harness.distributed)
+    target = load_target(cfg.target, backend=cfg.backend, device=cfg.device, dtype=cfg.dtype, max_len=cfg.max_len,
+                         device_map=cfg.device_map)
+    # -- fast path (harness.fast): CUDA graphs, on by default for a native target on CUDA --
+    cfg.fast = resolve_fast(cfg.fast, target)
+    if cfg.fast:
+        target = enable_fast(target)
+    # -- end fast path --
     names = ["ar"] + [d for d in cfg.drafters if d != "ar"] if "ar" in cfg.drafters else list(cfg.drafters)
     drafters = {name: build_drafter(name, target, cfg) for name in names}
+    if cfg.fast:  # harness.fast: drafters that run a native model of their own replay graphs too
+        drafters = {name: enable_fast_drafter(d) for name, d in drafters.items()}
     meter = _meter(cfg, target)
+    make_run_dir(cfg, out)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
     (out / "env.json").write_text(json.dumps(environment(cfg, target), indent=2))
     done, ar_out = _finished(out)
     eos = eos_ids(target)
     todo = [(p, n) for p in prompts for n in names if (n, p.prompt_id) not in done]
+    # -- batched decoding and --k auto (harness.batch): their own warm-up, loop and records --
+    if cfg.batch_size > 1 or cfg.extra.get("k_auto"):
+        from harness.batch import run_batched
+        return run_batched(cfg, target, drafters, prompts, done, ar_out, eos, out, meter, rank=rank,
+                           after_prompt=after_prompt)
+    # -- end batched --
     if todo and cfg.warmup:
         for name in names:  # warm-up: not recorded
             for p in prompts[:cfg.warmup]:
@@ -168,16 +198,19 @@ def run(cfg: RunConfig) -> Path:
     steps_w, prompts_w = JsonlWriter(out / "steps.jsonl"), JsonlWriter(out / "prompts.jsonl")
     totals = {n: [0, 0.0, 0, 0] for n in names}  # new tokens, wall, emitted, steps
     try:
-        bar = tqdm(todo, desc="decoding", unit="prompt", dynamic_ncols=True)
+        bar = tqdm(todo, desc="decoding" if world == 1 else f"decoding rank {rank}", unit="prompt", dynamic_ncols=True)
         for p, name in bar:
-            fields, steps = run_prompt(cfg, target, drafters[name], p, eos, meter=meter if not is_peer(drafters[name]) else None)
-            base = dict(drafter=name, prompt_id=p.prompt_id, category=p.category, suite=p.suite, rank=0,
+            metered = meter if not (is_peer(drafters[name]) or getattr(drafters[name], "tree", False)) else None
+            fields, steps = run_prompt(cfg, target, drafters[name], p, eos, meter=metered)
+            base = dict(drafter=name, prompt_id=p.prompt_id, category=p.category, suite=p.suite, rank=rank,
                         batch_size=1)
             steps_w.write_many({**base, **s} for s in steps)
             if name == "ar":
                 ar_out[p.prompt_id] = fields["output_ids"]
             diverged = None if name == "ar" or p.prompt_id not in ar_out else fields["output_ids"] != ar_out[p.prompt_id]
             prompts_w.write({**base, **fields, "diverged": diverged})
+            if after_prompt is not None:
+                after_prompt()
             t = totals[name]
             t[0] += fields["new_tokens"]
             t[1] += fields["wall_s"]
@@ -191,10 +224,19 @@ def run(cfg: RunConfig) -> Path:
 
 
 def _meter(cfg: RunConfig, target):
+    """The information-surplus meter, with the n-gram base predictor shipped for the target (fitted on
+    target-generated text, disjoint from every suite) when there is one; without it ce_base is null."""
     if not cfg.meter:
         return None
-    from harness.meter import build_meter
-    return build_meter(cfg, target)
+    from harness.meter import Meter
+    from harness.ngram_base import NgramBase
+
+    path = cfg.extra.get("meter_base") or str(BASES / f"{target.name}.ngram.json.gz")
+    base = NgramBase.load(path) if Path(path).is_file() else None
+    if base is not None and base.vocab_size != target.vocab_size:
+        raise UserError(f"n-gram base {path} has vocabulary {base.vocab_size}, the target {target.vocab_size}: "
+                        "fit one for this target with spec-harness fit-base")
+    return Meter(target.device, max_steps=cfg.max_new_tokens + 1, max_depth=cfg.k, base=base)
 
 
 def _finished(out: Path):
