@@ -20,6 +20,7 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda[:N]
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
     max_len: int = 2048  # KV cache slots per sequence
+    device_map: str | None = None  # "auto": spread the target over the visible GPUs (and CPU) with accelerate (hf backend)
     out: str = "results"  # parent folder of the run folder
     run_id: str | None = None  # default: <target>-<suite>-<timestamp>
     resume: bool = False  # skip prompts already finished in an existing run folder

@@ -83,6 +83,7 @@ class HFTarget(Target):
         """Keeps the cache entries at positions idx [n] (in order) in every layer."""
         for layer in self.cache.layers:
             if getattr(layer, "keys", None) is not None and layer.keys.numel():
-                layer.keys = layer.keys.index_select(-2, idx)
-                layer.values = layer.values.index_select(-2, idx)
+                at = idx.to(layer.keys.device)  # layers may sit on different devices (--device-map auto)
+                layer.keys = layer.keys.index_select(-2, at)
+                layer.values = layer.values.index_select(-2, at)
         self._cached = idx.numel()

@@ -60,6 +60,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def preset_gguf(preset: Preset) -> Path:
+    # -- GGUF override: SPEC_HARNESS_SMOLLM2_GGUF, SPEC_HARNESS_GEMMA3_GGUF (a machine without the package) --
+    env = f"SPEC_HARNESS_{preset.name.split('-')[0].upper()}_GGUF"
+    if os.environ.get(env):
+        path = Path(os.environ[env])
+        if not path.is_file():
+            raise UserError(f"{env}={path} is not a file: point it at the .gguf or unset it")
+        return path
+    # -- end GGUF override --
     spec = importlib.util.find_spec(preset.module)
     if spec is None:
         raise UserError(f"target '{preset.name}' needs the package {preset.package}: {preset.install}")
@@ -120,27 +128,36 @@ def resolve_source(spec: str) -> tuple[str, str, str]:
                     "or a hub id (needs a network)")
 
 
-def load_hf(source: str, device: torch.device, dtype: torch.dtype):
+def load_hf(source: str, device: torch.device, dtype: torch.dtype, device_map: str | None = None):
+    """device_map="auto": accelerate places the layers over the visible GPUs (and CPU); `device` is unused."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map)
     except OSError as err:
         if not Path(source).exists():
             raise UserError(f"could not fetch '{source}' from the hub (offline?): pass a local folder or a "
                             "preset instead") from err
         raise UserError(f"could not load the model at {source}: {str(err).splitlines()[0]}") from err
-    return model.to(device).eval(), tok
+    return (model if device_map else model.to(device)).eval(), tok
 
 
 def load_target(spec: str, backend: str = "auto", device: str | torch.device = "cpu",
-                dtype: str | torch.dtype = "auto", max_len: int = 2048, static: bool = False):
-    """Loads a target by preset name, folder, GGUF path or hub id (see module docstring)."""
+                dtype: str | torch.dtype = "auto", max_len: int = 2048, static: bool = False,
+                device_map: str | None = None):
+    """Loads a target by preset name, folder, GGUF path or hub id (see module docstring).
+    device_map="auto" (a target too large for one GPU) loads through accelerate on the hf backend."""
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
+    if device_map is not None:
+        if device_map != "auto":
+            raise UserError(f"unknown --device-map '{device_map}': the only choice is auto")
+        if backend not in ("auto", "hf"):
+            raise UserError(f"--device-map auto needs the hf backend: drop --backend {backend} or pass --backend hf")
+        backend = "hf"
     name, source, default_backend = resolve_source(spec)
-    model, tok = load_hf(source, dev, dt)
+    model, tok = load_hf(source, dev, dt, device_map)
     return build_target(model, tok, name, default_backend if backend == "auto" else backend, max_len, static)
 
 
