@@ -6,6 +6,7 @@ import argparse
 import shlex
 import sys
 
+from harness.calibrate import parse_k
 from harness.config import PRESETS, RunConfig
 from harness.errors import UserError
 
@@ -27,7 +28,9 @@ def register(sub) -> None:
     p.add_argument("--per-category", type=int, default=None, help="at most this many prompts per category")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--k", type=int, default=None, help="draft tokens per step (1..64)")
+    p.add_argument("--k", type=parse_k, default=None, help="draft tokens per step (1..64), or auto (best predicted K)")
+    p.add_argument("--calibration", default=None,
+                   help="a file from `spec-harness calibrate` (its predictions; --k auto without measuring)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="auto | cpu | cuda")
     p.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16")
@@ -46,7 +49,15 @@ def register(sub) -> None:
     p.add_argument("--total-tokens", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
-    p.set_defaults(func=cmd_run)
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,  # harness.fast
+                   help="replay the native target's steps as CUDA graphs (default: on for CUDA)")
+    # -- multi-process runs (harness.distributed) --
+    p.add_argument("--processes", type=int, default=None,
+                   help="split the prompts over N processes (one per GPU) under `accelerate launch`")
+    p.add_argument("--device-map", choices=("auto",), default=None,
+                   help="spread a target too large for one GPU over the visible GPUs (hf backend)")
+    p.set_defaults(func=cmd_run, run_parser=p)
+    # -- end multi-process runs --
 
     ls = sub.add_parser("list", help="list targets, drafters and suites")
     ls.set_defaults(func=cmd_list)
@@ -55,11 +66,19 @@ def register(sub) -> None:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     values = dict(PRESETS[args.preset]) if args.preset else {}
     for key in ("target", "backend", "drafters", "suite", "limit", "per_category", "max_new_tokens", "temperature",
-                "k", "seed", "device", "dtype", "max_len", "out", "run_id", "verify_backend", "layerskip_layers",
-                "draft_model", "head", "depth", "top_k", "total_tokens", "warmup", "batch_size"):
+                "seed", "device", "dtype", "max_len", "out", "run_id", "verify_backend", "layerskip_layers",
+                "draft_model", "head", "depth", "top_k", "total_tokens", "warmup", "batch_size", "device_map", "fast"):
         v = getattr(args, key)
         if v is not None:
             values[key] = v
+    if args.k is not None:
+        k, auto = args.k
+        if auto:
+            values.setdefault("extra", {})["k_auto"] = True
+        else:
+            values["k"] = k
+    if args.calibration:
+        values.setdefault("extra", {})["calibration"] = args.calibration
     if args.prompts:
         values["suite"] = args.prompts
     if args.meter is not None:
@@ -70,11 +89,21 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from harness import distributed
     from harness.runner import run
     from harness.summary import format_table, write_summary
 
     cfg = config_from_args(args)
-    out = run(cfg)
+    # -- multi-process runs (harness.distributed) --
+    if distributed.should_launch(args.processes):
+        return distributed.launch(cfg, args.processes, distributed.forwarded_argv(args.run_parser, args))
+    if distributed.launched():
+        out = distributed.run_rank(cfg)
+        if out is None:  # not the main process: the main one merges and summarises
+            return 0
+    else:
+        out = run(cfg)
+    # -- end multi-process runs --
     df = write_summary(out)
     print(format_table(df))
     print(f"\nresults: {out}/ (summary.md, summary.csv, steps.jsonl, prompts.jsonl, env.json)")

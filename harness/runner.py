@@ -185,8 +185,8 @@ def run(cfg: RunConfig, out: Path | None = None, rank: int = 0, world: int = 1, 
     done, ar_out = _finished(out)
     eos = eos_ids(target)
     todo = [(p, n) for p in prompts for n in names if (n, p.prompt_id) not in done]
-    # -- batched decoding and --k auto (harness.batch): their own warm-up, loop and records --
-    if cfg.batch_size > 1 or cfg.extra.get("k_auto"):
+    # -- batched decoding, --k auto and calibrated runs (harness.batch): own warm-up, loop and records --
+    if cfg.batch_size > 1 or cfg.extra.get("k_auto") or cfg.extra.get("calibration"):
         from harness.batch import run_batched
         return run_batched(cfg, target, drafters, prompts, done, ar_out, eos, out, meter, rank=rank,
                            after_prompt=after_prompt)

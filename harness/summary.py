@@ -349,8 +349,11 @@ def write_summary(run_dir: Path) -> pd.DataFrame:
     run_dir = Path(run_dir)
     df = summarize(run_dir)
     df.to_csv(run_dir / "summary.csv", index=False)
-    (run_dir / "summary.md").write_text(summary_markdown(df, title=f"Summary of {run_dir.name}"),
-                                        encoding="utf-8")
+    text = summary_markdown(df, title=f"Summary of {run_dir.name}")
+    if (run_dir / "batch_runs.jsonl").is_file():
+        from harness.batch import batch_summary, format_batch_summary
+        text += "\n## Batches\n\n" + format_batch_summary(batch_summary(run_dir)) + "\n"
+    (run_dir / "summary.md").write_text(text, encoding="utf-8")
     return df
 
 

@@ -13,3 +13,9 @@ class AR(Drafter):
         B = len(ctx.history)
         return Proposal(tokens=torch.zeros(B, 0, dtype=torch.long, device=ctx.device),
                         num_draft=torch.zeros(B, dtype=torch.long))
+
+    def begin_row(self, ctx: DraftContext, b: int) -> None:
+        """No per-row state."""
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """No per-row state."""

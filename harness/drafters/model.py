@@ -79,6 +79,22 @@ class ARDraftModel(Drafter):
             a = committed.accepted[b]
             self.pending[b] = em[K - 1:] if a >= K else em[a:]
 
+    @torch.inference_mode()
+    def begin_row(self, ctx: DraftContext, b: int) -> None:
+        from harness.batch import one_row
+
+        history = ctx.history[b]
+        with one_row(self.model, b, empty=True):  # prefill this row alone; the last token stays pending
+            if len(history) > 1:
+                self.model.prefill(torch.tensor([history[:-1]], dtype=torch.long, device=self.model.device))
+        self.pending[b] = history[-1:]
+
+    def keep_rows(self, rows: list[int]) -> None:
+        from harness.batch import keep_cache_rows
+
+        keep_cache_rows(self.model, rows)
+        self.pending = [self.pending[r] for r in rows]
+
 
 def layerskip(target: Target, layers: int, name: str = "layerskip") -> ARDraftModel:
     from harness.targets.native import NativeTarget

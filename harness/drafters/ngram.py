@@ -34,3 +34,9 @@ class NGram(Drafter):
         for b, d in enumerate(drafts):
             tokens[b, :len(d)] = torch.tensor(d, dtype=torch.long)
         return Proposal(tokens=tokens.to(ctx.device), num_draft=torch.tensor([len(d) for d in drafts]))
+
+    def begin_row(self, ctx: DraftContext, b: int) -> None:
+        """No per-row state."""
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """No per-row state."""
