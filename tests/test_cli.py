@@ -13,7 +13,7 @@ from harness.records import read_jsonl
 
 
 def spec(*args, cwd="/tmp"):
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = dict(os.environ)
     return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, cwd=cwd, env=env)
 
 
