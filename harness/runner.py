@@ -17,7 +17,7 @@ from harness.config import RunConfig
 from harness.decode import decode
 from harness.drafters import build_drafter, is_peer, validate_drafters
 from harness.errors import UserError
-from harness.fast import enable_fast, enable_fast_drafter, resolve_fast
+from harness.fast import enable_fast, enable_fast_drafter, precapture, resolve_fast
 from harness.records import JsonlWriter, read_jsonl
 from harness.suites import Prompt, load_suite
 from harness.targets import load_target
@@ -195,6 +195,8 @@ def run(cfg: RunConfig, out: Path | None = None, rank: int = 0, world: int = 1, 
         for name in names:  # warm-up: not recorded
             for p in prompts[:cfg.warmup]:
                 run_prompt(cfg, target, drafters[name], p, eos, meter=None, max_new=min(16, cfg.max_new_tokens))
+        if cfg.fast:  # harness.fast: capture every chain length now rather than inside a timed prompt
+            precapture(target, drafters.values(), cfg.k)
     steps_w, prompts_w = JsonlWriter(out / "steps.jsonl"), JsonlWriter(out / "prompts.jsonl")
     totals = {n: [0, 0.0, 0, 0] for n in names}  # new tokens, wall, emitted, steps
     try:
