@@ -18,7 +18,6 @@ from harness.verify import verify_chain, verify_tree
 class Decoded:
     new_ids: list[int]
     steps: list[dict] = field(default_factory=list)  # per target forward: drafted, depth, accepted, emitted, t_*
-    meter: list[dict] = field(default_factory=list)  # per step meter fields (when the meter is on)
 
 
 def tree_mask(parents: torch.Tensor) -> torch.Tensor:
@@ -93,10 +92,13 @@ def decode(target, drafter: Drafter, prompt_ids: list[int], *, max_new_tokens: i
         clock.mark("other")
         result.steps.append(dict(drafted=drafted, depth=depth, accepted=n_acc, emitted=len(emitted),
                                  **clock.take()))
-    if meter is not None:
-        # the first token came from the prefill, not from an observed step: it is context for the meter
-        result.meter = meter.flush([out_ids[1:]], [list(prompt_ids) + out_ids[:1]])[0]
     return result
+
+
+def flush_meter(meter, prompt_ids: list[int], new_ids: list[int]) -> list[dict]:
+    """The meter's per-step fields for a decoded prompt (one host transfer; call it outside timed code).
+    The first new token came from the prefill, not from an observed step: it is context for the meter."""
+    return meter.flush([new_ids[1:]], [list(prompt_ids) + new_ids[:1]])[0]
 
 
 def _empty(dev):

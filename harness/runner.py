@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from harness.config import RunConfig
-from harness.decode import decode
+from harness.decode import decode, flush_meter
 from harness.drafters import build_drafter, is_peer, validate_drafters
 from harness.errors import UserError
 from harness.fast import enable_fast, enable_fast_drafter, precapture, resolve_fast
@@ -131,9 +131,11 @@ def run_prompt(cfg: RunConfig, target, drafter, prompt: Prompt, eos: set[int], m
             dec = decode(target, drafter, ids, max_new_tokens=max_new or cfg.max_new_tokens, k=cfg.k,
                          temperature=cfg.temperature, seed=cfg.seed, eos_ids=eos,
                          verify_backend=cfg.verify_backend, meter=meter, clock=clock)
-            new_ids, turn_steps, meter_rows = dec.new_ids, dec.steps, dec.meter
+            new_ids, turn_steps, meter_rows = dec.new_ids, dec.steps, []
         _sync(target.device)
         wall += time.perf_counter() - t0
+        if meter is not None and not is_peer(drafter):
+            meter_rows = flush_meter(meter, ids, new_ids)  # outside the timed region
         clock.resolve(turn_steps)
         for i, rec in enumerate(turn_steps):
             rec.update(turn=turn, step=i)
