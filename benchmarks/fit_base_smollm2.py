@@ -1,7 +1,7 @@
 """Fits the information-surplus meter's n-gram base predictor for SmolLM2 on target-generated text:
 the answers (after the last `<|im_start|>assistant` header) of the self-distillation data that trained
 the shipped EAGLE head (harness/heads/smollm2-135m-eagle/generated.jsonl: stdlib-derived prompts, disjoint
-from every suite). Writes harness/heads/smollm2-135m.ngram.json.gz.
+from every suite). Writes harness/heads/smollm2-135m.ngram.safetensors.
 
     python benchmarks/fit_base_smollm2.py
 """
@@ -26,7 +26,7 @@ def answers(seqs: list[list[int]]) -> list[list[int]]:
 def main() -> None:
     seqs = answers(read_id_sequences(HEADS / "smollm2-135m-eagle" / "generated.jsonl"))
     base = NgramBase.fit(seqs, order=3, vocab_size=49152)
-    base.save(HEADS / "smollm2-135m.ngram.json.gz")
+    base.save(HEADS / "smollm2-135m.ngram.safetensors")
     print(f"fitted on {len(seqs)} answers, {sum(map(len, seqs))} tokens")
 
 

@@ -14,7 +14,7 @@ from harness.errors import UserError
 COMMANDS = (
     "harness.run_cli",
     "harness.summary", "harness.report", "harness.specbench", "harness.calibrate", "harness.profile",
-    "harness.train_head",
+    "harness.train_head", "harness.ngram_base", "harness.surplus", "harness.probe",
 )
 
 

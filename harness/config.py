@@ -27,6 +27,7 @@ class RunConfig:
     overwrite: bool = False  # replace an existing run folder
     verify_backend: str = "auto"  # triton | torch | auto (triton on CUDA)
     meter: bool = True  # information-surplus meter on/off
+    meter_base: str | None = None  # n-gram base for the meter (default: the one shipped for the target, if any)
     layerskip_layers: int | None = None  # default: a third of the target's layers
     draft_model: str | None = None  # for the `model` drafter: preset, folder, .gguf or hub id
     head: str | None = None  # for eagle drafters: head folder (default: the one shipped for the target)

@@ -80,7 +80,8 @@ def decode(target, drafter: Drafter, prompt_ids: list[int], *, max_new_tokens: i
         emitted = res.emitted[0, :n_acc + 1].tolist()
         clock.mark("accept")
         if meter is not None:
-            meter.observe(res.stats, res.stats.get("cu_num_draft"), res.num_accepted, drafter.has_q)
+            meter.observe(res.stats, None if prop.is_tree else res.stats["cu_num_draft"], res.num_accepted,
+                          drafter.has_q)
         room = max_new_tokens - len(out_ids)
         emitted = _cut(emitted[:room], eos_ids)
         out_ids.extend(emitted)

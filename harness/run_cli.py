@@ -41,6 +41,7 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--verify-backend", choices=("auto", "triton", "torch"), default=None)
     p.add_argument("--meter", choices=("on", "off"), default=None, help="information-surplus meter (default on)")
+    p.add_argument("--meter-base", default=None, help="n-gram base from `spec-harness fit-base` (default: shipped)")
     p.add_argument("--layerskip-layers", type=int, default=None)
     p.add_argument("--draft-model", default=None)
     p.add_argument("--head", default=None, help="EAGLE head folder")
@@ -66,7 +67,7 @@ def register(sub) -> None:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     values = dict(PRESETS[args.preset]) if args.preset else {}
     for key in ("target", "backend", "drafters", "suite", "limit", "per_category", "max_new_tokens", "temperature",
-                "seed", "device", "dtype", "max_len", "out", "run_id", "verify_backend", "layerskip_layers",
+                "seed", "device", "dtype", "max_len", "out", "run_id", "verify_backend", "meter_base", "layerskip_layers",
                 "draft_model", "head", "depth", "top_k", "total_tokens", "warmup", "batch_size", "device_map", "fast"):
         v = getattr(args, key)
         if v is not None:

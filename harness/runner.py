@@ -23,7 +23,7 @@ from harness.suites import Prompt, load_suite
 from harness.targets import load_target
 from harness.timing import PhaseClock
 
-BASES = Path(__file__).resolve().parent / "heads"  # shipped n-gram base predictors: <target>.ngram.json.gz
+BASES = Path(__file__).resolve().parent / "heads"  # shipped n-gram base predictors: <target>.ngram.safetensors
 
 
 def validate(cfg: RunConfig) -> None:
@@ -204,8 +204,7 @@ def run(cfg: RunConfig, out: Path | None = None, rank: int = 0, world: int = 1, 
     try:
         bar = tqdm(todo, desc="decoding" if world == 1 else f"decoding rank {rank}", unit="prompt", dynamic_ncols=True)
         for p, name in bar:
-            metered = meter if not (is_peer(drafters[name]) or getattr(drafters[name], "tree", False)) else None
-            fields, steps = run_prompt(cfg, target, drafters[name], p, eos, meter=metered)
+            fields, steps = run_prompt(cfg, target, drafters[name], p, eos, meter=None if is_peer(drafters[name]) else meter)
             base = dict(drafter=name, prompt_id=p.prompt_id, category=p.category, suite=p.suite, rank=rank,
                         batch_size=1)
             steps_w.write_many({**base, **s} for s in steps)
@@ -228,19 +227,16 @@ def run(cfg: RunConfig, out: Path | None = None, rank: int = 0, world: int = 1, 
 
 
 def _meter(cfg: RunConfig, target):
-    """The information-surplus meter, with the n-gram base predictor shipped for the target (fitted on
-    target-generated text, disjoint from every suite) when there is one; without it ce_base is null."""
+    """The information-surplus meter. Its n-gram base: --meter-base, else the one shipped for the target
+    (fitted on target-generated text disjoint from every suite), else none (ce_base is then null)."""
     if not cfg.meter:
         return None
-    from harness.meter import Meter
-    from harness.ngram_base import NgramBase
+    from harness.meter import build_meter
 
-    path = cfg.extra.get("meter_base") or str(BASES / f"{target.name}.ngram.json.gz")
-    base = NgramBase.load(path) if Path(path).is_file() else None
-    if base is not None and base.vocab_size != target.vocab_size:
-        raise UserError(f"n-gram base {path} has vocabulary {base.vocab_size}, the target {target.vocab_size}: "
-                        "fit one for this target with spec-harness fit-base")
-    return Meter(target.device, max_steps=cfg.max_new_tokens + 1, max_depth=cfg.k, base=base)
+    shipped = BASES / f"{target.name}.ngram.safetensors"
+    if cfg.meter_base is None and shipped.is_file():
+        cfg.meter_base = str(shipped)
+    return build_meter(cfg, target)
 
 
 def _finished(out: Path):

@@ -26,7 +26,7 @@ Columns (summary.csv):
                                     conditional_j   = #steps accepted >= j
                                                       / #steps depth >= j and accepted >= j - 1
   meter columns, when the steps carry them (lists over committed depth):
-    surplus_ub, surplus_use       mean over steps of the per-step sum over depth (nats per step)
+    surplus_ub, surplus_use       mean over steps of the per-step sum over depths j >= 2 (nats per step)
     kl, alpha_theory, h_verify, h_draft   mean over all committed positions (pooled over steps)
 
 An interrupted and resumed run may hold the step records of an unfinished attempt at a prompt: only
@@ -52,7 +52,7 @@ ALL = "all"
 N_BOOT = 1000
 SEED = 0
 PHASES = ("t_draft", "t_verify", "t_accept", "t_other")
-METER_SUMS = ("surplus_ub", "surplus_use")  # per step: sum over committed depth
+METER_SUMS = ("surplus_ub", "surplus_use")  # per step: sum over committed depths j >= 2
 METER_MEANS = ("kl", "alpha_theory", "h_verify", "h_draft")  # pooled mean over committed positions
 KEY = ("drafter", "suite", "pid", "batch_size")
 
@@ -199,7 +199,10 @@ def per_prompt(prompts: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
     for col in ("emitted", "accepted", "drafted", *PHASES):
         out[col] = add(steps[col])
     for f in _meter_fields(steps):
-        sums, counts = list_stats(steps[f])
+        values = steps[f]
+        if f in METER_SUMS:  # the surplus is the sum over depths j >= 2 (depth 1 bounds I(H_t; W_t))
+            values = values.map(lambda v: v[1:] if isinstance(v, (list, tuple)) else v)
+        sums, counts = list_stats(values)
         if f in METER_SUMS:
             out[f + "_sum"] = add(sums)
             out[f + "_n"] = add(counts > 0)
@@ -490,7 +493,7 @@ def summary_markdown(df: pd.DataFrame, title: str) -> str:
     meters = format_meters(df)
     if meters:
         parts += ["", "## Meter (information surplus)", "", meters,
-                  "", "surplus: mean over steps of the sum over committed depth; KL, alpha, H: mean "
+                  "", "surplus: mean over steps of the sum over committed depths j >= 2; KL, alpha, H: mean "
                   "over committed positions."]
     parts += ["", DEFINITIONS, ""]
     return "\n".join(parts)

@@ -61,5 +61,7 @@ def verify_tree(logits: torch.Tensor, proposal: Proposal, temperature: float, se
     num_nodes = proposal.num_nodes if proposal.num_nodes is not None else torch.full((B,), T, dtype=torch.long)
     res = kernel(logits, proposal.tokens, proposal.parents, num_nodes.to(dev), proposal.q, temp, seeds,
                  positions.to(dev), backend=_backend(backend, dev))
+    stats = dict(res.stats)
+    stats.update(path=res.path, parents=proposal.parents)  # the meter follows the accepted path
     return VerifyOutput(emitted=res.emitted, num_accepted=res.num_accepted, path=res.path, error=res.error,
-                        stats=dict(res.stats))
+                        stats=stats)

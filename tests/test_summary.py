@@ -239,8 +239,9 @@ def test_meter_columns(tmp_path):
                        kl=[[0.1, 0.3], [0.2, 0.2, 0.2]], alpha_theory=[[0.9, 0.5], [1.0, 1.0, 0.4]],
                        h_verify=[[1.0, 2.0], [3.0, 3.0, 3.0]], h_draft=[[1.0, 1.0], [1.0, 1.0, 1.0]])
     r = row(summarize(write_run(tmp_path / "run", prompts, steps)), "eagle", "all")
-    assert r["surplus_use"] == pytest.approx((0.75 + 1.5) / 2)   # mean over steps of per-step sums
-    assert r["surplus_ub"] == pytest.approx((2.0 + 6.0) / 2)
+    # mean over steps of per-step sums over depths j >= 2 (depth 1 bounds I(H_t; W_t), not the surplus)
+    assert r["surplus_use"] == pytest.approx((0.25 + 0.5) / 2)
+    assert r["surplus_ub"] == pytest.approx((1.0 + 4.0) / 2)
     assert r["kl"] == pytest.approx(1.0 / 5)                       # mean over committed positions
     assert r["alpha_theory"] == pytest.approx(3.8 / 5)
     assert r["h_verify"] == pytest.approx(12.0 / 5)
