@@ -1,15 +1,16 @@
 """`eagle` and `eagle3`: a trained head (harness.heads) drafts from the target's own hidden states.
 
-Chains (`--total-tokens 0`): the head unrolls K = --k steps, feeding back its own output as the next
-feature; q = softmax(head logits / T) (T = 1 when greedy).
+Chains (the default on a CPU, or `--total-tokens 0`): the head unrolls K = --k steps, feeding back its
+own output as the next feature; q = softmax(head logits / T) (T = 1 when greedy).
 
-EAGLE-2 dynamic trees (the default; `--depth D --top-k k --total-tokens N`): the root's k best children
+EAGLE-2 dynamic trees (the default on CUDA, or any of `--depth D --top-k k --total-tokens N`; see
+DEFAULT_SHAPE for the defaults and what was measured): the root's k best children
 form depth 1; at each depth the head expands a beam of the k nodes with the highest cumulative draft
 log-probability, each proposing its own k best children; after D depths every drafted node is reranked by
-cumulative log-probability and the N best are verified (a kept node's ancestors are always kept). At
-temperature > 0 the children of a node are drawn without replacement (Gumbel top-k) and the rerank keeps,
-among siblings, a prefix of the draw order, as the multi-draft verifier expects; the tree's shape still
-depends on the drafts, as in EAGLE-2, so unlike chains it is not guaranteed to be distribution-exact.
+cumulative log-probability and the N best are verified (a kept node's ancestors are always kept).
+At temperature > 0 a tree whose shape depended on the drawn tokens would bias the multi-draft verifier,
+so the tree keeps the greedy tree's shape (a function of the context alone) and draws its tokens into it:
+each node's children without replacement from q at that node. This costs a second pass of the head.
 
 The head keeps its own KV cache (one layer, preallocated, slot = position, like the target's). Row t of
 the cache pairs the target feature of token t with token t+1 (see harness.heads). Committed rows always
@@ -40,17 +41,22 @@ class TreeShape:
     total_tokens: int  # N: draft nodes verified per step (the root excluded: the target sees N + 1 tokens)
 
 
-# Defaults by device type when no tree flag is given (measured on SmolLM2-135M, see the README):
-# on a CPU the verify forward costs about linearly in tokens past a handful, so trees stay small.
-TREE_DEFAULTS = {"cpu": TreeShape(depth=5, top_k=4, total_tokens=10),
-                 "cuda": TreeShape(depth=6, top_k=8, total_tokens=48)}
+# Defaults when no tree flag is given, by device type: None = chains of --k. Measured on SmolLM2-135M
+# (fp32, one CPU thread, 5 mini prompts x 64 tokens, shipped head): tau 1.32 for a chain of 3, 1.48 for
+# the tree below and 1.59 for D=6 k=8 N=32, but 6.8, 3.8 and 2.6 tok/s: on a CPU the verify forward
+# costs about linearly in its tokens, so chains are the default there; GPUs verify wide trees at the
+# cost of one token (EAGLE-2's setting, not measured here).
+DEFAULT_SHAPE = {"cpu": None, "cuda": TreeShape(depth=6, top_k=8, total_tokens=48)}
+TREE_DEFAULTS = TreeShape(depth=5, top_k=4, total_tokens=10)  # fills the tree flags not given
 
 
 def tree_shape(cfg, device: torch.device) -> TreeShape | None:
-    """The tree a run asks for, or None for chains (--total-tokens 0)."""
+    """The tree a run asks for, or None for chains of --k (--total-tokens 0 forces chains)."""
     if cfg.total_tokens == 0:
         return None
-    base = TREE_DEFAULTS.get(device.type, TREE_DEFAULTS["cuda"])
+    if cfg.depth is None and cfg.top_k is None and cfg.total_tokens is None:
+        return DEFAULT_SHAPE.get(device.type, DEFAULT_SHAPE["cuda"])
+    base = TREE_DEFAULTS
     shape = TreeShape(depth=cfg.depth or base.depth, top_k=cfg.top_k or base.top_k,
                       total_tokens=cfg.total_tokens or base.total_tokens)
     if shape.depth < 1 or shape.top_k < 1 or shape.total_tokens < 1:
@@ -101,8 +107,9 @@ class EagleDrafter(Drafter):
     def _logits(self, out):
         return self.head.to_target_vocab(self.head.logits(out, self.frozen))  # [.., V]
 
-    def _span(self, extra: int) -> int:
-        need = int(self.lengths.max()) + extra  # one host read
+    def _span(self) -> int:
+        """Attention span for the whole step: committed rows, pending rows and draft rows (one host read)."""
+        need = int(self.lengths.max()) + self.pending[0].shape[1] + self.room
         if need > self.max_len:
             raise UserError(f"the eagle head's cache ({self.max_len} slots) is full: raise --max-len")
         return need
@@ -126,23 +133,24 @@ class EagleDrafter(Drafter):
         ids = torch.tensor([h[1:] for h in ctx.history], dtype=torch.long, device=self.device)  # x_1 .. x_P
         self.pending = (ids, self.head.features(hidden), torch.full((B,), P, device=self.device))
 
-    def _feed_pending(self) -> torch.Tensor:
+    def _feed_pending(self, S: int) -> torch.Tensor:
         """Feeds the committed rows not yet in the head's cache; returns the output of each sequence's last
         row [B, H], which scores the tokens after the last emitted one."""
         ids, feats, n = self.pending
         B, T = ids.shape
         slots = self.lengths[:, None] + torch.arange(T, device=self.device)[None, :]  # [B, T]
-        mask = causal_or_tree_mask(self.lengths, T, self._span(T), None)
+        mask = causal_or_tree_mask(self.lengths, T, S, None)
         out = self._run(ids, feats, slots, slots, mask)
         self.lengths = self.lengths + n
         return out[torch.arange(B, device=self.device), n - 1]
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> Proposal:
-        out = self._feed_pending()
+        S = self._span()
+        out = self._feed_pending(S)
         if self.tree is None:
-            return self._chain(ctx, out)
-        return self._tree(ctx, out)
+            return self._chain(ctx, out, S)
+        return self._tree(ctx, out, S)
 
     @torch.inference_mode()
     def observe(self, ctx: DraftContext, committed: Committed) -> None:
@@ -156,10 +164,11 @@ class EagleDrafter(Drafter):
         self.pending = (ids.to(self.device), feats, n)
 
     # -- chains ---------------------------------------------------------------------------------------------
-    def _chain(self, ctx: DraftContext, out: torch.Tensor) -> Proposal:
+    def _chain(self, ctx: DraftContext, out: torch.Tensor, S: int) -> Proposal:
         B, K = out.shape[0], ctx.k
+        if K > self.room:
+            raise UserError(f"--k {K} exceeds the eagle head's draft room ({self.room})")
         base = self.lengths
-        S = self._span(K)
         vis = torch.zeros(B, 1, K, dtype=torch.bool, device=self.device)
         feat = out  # [B, H]
         toks, qs = [], []
@@ -174,30 +183,22 @@ class EagleDrafter(Drafter):
         return Proposal(tokens=torch.stack(toks, 1), q=torch.stack(qs, 1))  # [B, K], q [B, K, V]
 
     # -- EAGLE-2 trees --------------------------------------------------------------------------------------
-    def _children(self, logits, k: int, temperature: float):
-        """logits [B, M, V] -> (tokens [B, M, k], log q [B, M, k], q [B, M, V]): the k best tokens, or k
-        drawn without replacement (Gumbel top-k, in draw order) when sampling."""
-        t = temperature if temperature > 0 else 1.0
-        logq = torch.log_softmax(logits.float() / t, -1)
-        keys = logq
-        if temperature > 0:
-            u = torch.rand(logq.shape, generator=self.generator, device=logq.device).clamp_(min=1e-20)
-            keys = logq - torch.log(-torch.log(u))
-        tok = keys.topk(k, dim=-1).indices  # [B, M, k], best first / in draw order
-        return tok, logq.gather(-1, tok), logq.exp()
+    def _tree(self, ctx: DraftContext, out: torch.Tensor, S: int) -> Proposal:
+        greedy = self._greedy_tree(out, S)
+        return greedy if ctx.temperature == 0 else self._sample_into(greedy, out, S, ctx.temperature)
 
-    def _tree(self, ctx: DraftContext, out: torch.Tensor) -> Proposal:
+    def _greedy_tree(self, out: torch.Tensor, S: int) -> Proposal:
+        """EAGLE-2: expand a beam of the k best nodes per depth by cumulative log q, each with its k best
+        children, then keep the N best of every drafted node."""
         D, k, N = self.tree.depth, self.tree.top_k, self.tree.total_tokens
         B, dev = out.shape[0], self.device
         base = self.lengths
         R = max((D - 1) * k, 1)  # head rows drafted this step, k per expanded depth
-        S = self._span(R)
-        tok, lp, q_root = self._children(self._logits(out)[:, None], k, ctx.temperature)  # [B, 1, k]
-        # the pool of drafted nodes in creation order (parents before children, siblings in draw order)
-        tok, score = tok[:, 0], lp[:, 0]  # [B, M]
+        logq = torch.log_softmax(self._logits(out).float(), -1)  # [B, V]
+        q_root = logq.exp()
+        score, tok = logq.topk(k, dim=-1)  # [B, k]: the pool of drafted nodes, in creation order
         par = torch.full((B, k), -1, device=dev)  # pool index of the parent, -1 = the root
         depth = torch.ones(B, k, dtype=torch.long, device=dev)
-        adj = score.cummin(-1).values  # rerank key: never above the parent's or an earlier sibling's
         row = torch.full((B, k), -1, device=dev)  # head row of an expanded node (its q), -1 for a leaf
         q_rows, vis_rows = [], torch.zeros(B, R, R, dtype=torch.bool, device=dev)
         beam = torch.arange(k, device=dev).expand(B, k)  # pool indices expanded at this depth
@@ -210,29 +211,24 @@ class EagleDrafter(Drafter):
             vis_rows[:, (d - 1) * k:d * k] = vis
             pos = (base + d - 1)[:, None].expand(B, k)
             h = self._run(tok.gather(1, beam), feats, pos, base[:, None] + rows, region_mask(base, vis, S))
-            ctok, clp, q = self._children(self._logits(h), k, ctx.temperature)  # [B, k, k], [B, k, V]
-            q_rows.append(q)
+            clogq = torch.log_softmax(self._logits(h).float(), -1)  # [B, k, V]
+            q_rows.append(clogq.exp())
+            clp, ctok = clogq.topk(k, dim=-1)  # [B, k, k]
             row = row.scatter(1, beam, rows)
-            cscore = score.gather(1, beam)[..., None] + clp  # [B, k, k] cumulative log q
-            cadj = torch.minimum(cscore, adj.gather(1, beam)[..., None]).cummin(-1).values
-            top = cscore.reshape(B, k * k).topk(k, dim=-1).indices  # the next beam, among the new nodes
+            cscore = (score.gather(1, beam)[..., None] + clp).reshape(B, k * k)  # cumulative log q
+            top = cscore.topk(k, dim=-1).indices  # the next beam, among the new nodes
             offset = tok.shape[1]
             tok = torch.cat([tok, ctok.reshape(B, k * k)], 1)
-            score = torch.cat([score, cscore.reshape(B, k * k)], 1)
-            adj = torch.cat([adj, cadj.reshape(B, k * k)], 1)
+            score = torch.cat([score, cscore], 1)
             par = torch.cat([par, beam[..., None].expand(B, k, k).reshape(B, k * k)], 1)
             depth = torch.cat([depth, torch.full((B, k * k), d + 1, device=dev)], 1)
             row = torch.cat([row, torch.full((B, k * k), -1, device=dev)], 1)
             beam, beam_par_rows = offset + top, rows.gather(1, top // k)
             feats = h.gather(1, (top // k)[..., None].expand(-1, -1, h.shape[-1]))
-        return self._select(N, q_root[:, 0], q_rows, tok, par, depth, adj, row)
-
-    def _select(self, N, q_root, q_rows, tok, par, depth, adj, row) -> Proposal:
-        """Keeps the N pool nodes with the highest rerank key (ties: earlier first, so a node's ancestors
-        and earlier siblings come before it) and lays them out in creation order."""
-        B, M = tok.shape
-        dev = tok.device
-        sel = torch.sort(adj, dim=1, descending=True, stable=True).indices[:, :N].sort(dim=1).values  # [B, N]
+        # rerank: a child never scores above its parent (log q <= 0) and ties keep creation order, so the
+        # N best always include their ancestors
+        M = tok.shape[1]
+        sel = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :N].sort(dim=1).values  # [B, N]
         node_of = torch.full((B, M), -1, dtype=torch.long, device=dev)
         node_of.scatter_(1, sel, torch.arange(1, N + 1, device=dev).expand(B, N))
         sel_par = par.gather(1, sel)
@@ -246,6 +242,50 @@ class EagleDrafter(Drafter):
         return Proposal(tokens=torch.cat([zero, tok.gather(1, sel)], 1), q=q,
                         parents=torch.cat([zero - 1, parents], 1), depth=torch.cat([zero, depth.gather(1, sel)], 1),
                         num_nodes=torch.full((B,), N + 1, dtype=torch.long, device=dev))
+
+    def _sample_into(self, greedy: Proposal, out: torch.Tensor, S: int, temperature: float) -> Proposal:
+        """Temperature > 0: the greedy tree's shape (a function of the context alone) with tokens drawn into
+        it: the children of each node are drawn without replacement from q = softmax(head logits / T) at
+        that (drawn) node, in node order. The multi-draft verifier is then exact."""
+        if out.shape[0] != 1:
+            raise UserError("eagle trees at temperature > 0 decode one sequence at a time: use --batch-size 1")
+        dev = self.device
+        parents, depth = greedy.parents[0].tolist(), greedy.depth[0].tolist()
+        T, D = len(parents), max(depth)
+        kids = [[c for c in range(1, T) if parents[c] == n] for n in range(T)]
+        tokens = torch.zeros(T, dtype=torch.long, device=dev)
+        q = torch.zeros(T, self.frozen.embed.shape[0], device=dev)
+        q[0] = torch.softmax(self._logits(out[0]).float() / temperature, -1)
+        self._draw(q[0], kids[0], tokens)
+        outputs, rows = {0: out[0]}, {}  # head output at a node; head row of a fed node
+        R = self.room
+        vis_rows = torch.zeros(R, R, dtype=torch.bool, device=dev)
+        base = self.lengths
+        for d in range(1, D):
+            fed = [n for n in range(1, T) if depth[n] == d and kids[n]]
+            if not fed:
+                break
+            for n in fed:
+                r = rows[n] = len(rows)
+                vis_rows[r] = vis_rows[rows[parents[n]]] if parents[n] else False
+                vis_rows[r, r] = True
+            idx = torch.tensor([rows[n] for n in fed], device=dev)
+            h = self._run(tokens[fed][None], torch.stack([outputs[parents[n]] for n in fed])[None],
+                          (base + d - 1)[:, None].expand(1, len(fed)), base[:, None] + idx[None],
+                          region_mask(base, vis_rows[idx][None], S))[0]  # [len(fed), H]
+            for i, n in enumerate(fed):
+                outputs[n] = h[i]
+                q[n] = torch.softmax(self._logits(h[i]).float() / temperature, -1)
+                self._draw(q[n], kids[n], tokens)
+        return Proposal(tokens=tokens[None], q=q[None], parents=greedy.parents, depth=greedy.depth,
+                        num_nodes=greedy.num_nodes)
+
+    def _draw(self, q: torch.Tensor, children: list[int], tokens: torch.Tensor) -> None:
+        """Draws len(children) tokens from q [V] without replacement (Gumbel top-k: in draw order)."""
+        if children:
+            u = torch.rand(q.shape, generator=self.generator, device=q.device).clamp_(min=1e-20)
+            keys = torch.log(q) - torch.log(-torch.log(u))
+            tokens[children] = keys.topk(len(children)).indices
 
 
 def build_eagle(name: str, target, cfg) -> EagleDrafter:

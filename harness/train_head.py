@@ -1,0 +1,498 @@
+"""`spec-harness train-head`: trains an EAGLE head on the target's own answers (self-distillation).
+
+1. Prompts: `harness.corpus.build_corpus(--prompts, --seed)` asked through the target's chat template;
+   every 20th prompt is held out.
+2. Data: the target answers every prompt greedily (--max-new-tokens; batched on the native backend). For
+   each token fed to it we keep the hidden states the head reads and the target's top-32 next-token
+   probabilities p. The answers' token ids go to generated.jsonl (the information-surplus meter fits its
+   n-gram base predictor on them).
+3. Training (accelerate: CPU, one GPU, or several with `accelerate launch -m harness train-head ...`): the
+   head unrolls --unroll steps from every response position ("training-time test"): step 0 reads the
+   target's features, step s >= 1 the head's own output of step s-1, as when drafting. The loss of step s,
+   weighted 0.8^s, is smooth-L1 to the target's next feature (eagle only; both after the target's final
+   norm) plus --cls-weight x the cross-entropy against the target's p.
+4. Held-out accuracy by depth 1..5: the head unrolled greedily on the held-out answers; depth j counts
+   when the first j drafts all equal the target's greedy tokens (what a chain of 5 would get accepted;
+   the conditional rates too).
+
+With --data FILE the self-distilled data is cached and reused by later runs on the same prompts (the
+log then reports the time it took when it was made). Writes to --out: config.json + model.safetensors (bf16), training_log.json (command, wall times, data sizes,
+held-out accuracy by depth), training_log.csv and loss.png (per optimiser step), accuracy.csv,
+generated.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import platform
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from harness.errors import UserError
+from harness.heads import EagleHead, Frozen, config_for_target, init_head, save_head
+from harness.targets.native import rms_norm
+
+TOPK_P = 32  # target probabilities kept per position
+LOSS_VOCAB_TOPK = 8  # the training softmax runs over tokens in some position's top 8 (see Unrolled)
+EVAL_DEPTH = 5  # held-out accuracy depths
+STEP_DECAY = 0.8  # weight of unroll step s: STEP_DECAY ** s
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train-head", help="train an EAGLE head by self-distillation",
+                       description="Train an EAGLE head on the target's own answers to an offline prompt corpus.")
+    p.add_argument("--target", default="smollm2-135m", help="preset, model folder or .gguf (default smollm2-135m)")
+    p.add_argument("--variant", choices=("eagle", "eagle3"), default="eagle")
+    p.add_argument("--out", required=True, help="head folder to write")
+    p.add_argument("--prompts", type=int, default=320, help="corpus prompts (every 20th is held out)")
+    p.add_argument("--max-new-tokens", type=int, default=80, help="length of the target's answers")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per optimiser step (per process)")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--unroll", type=int, default=None, help="training-time-test steps (default eagle 2, eagle3 3)")
+    p.add_argument("--cls-weight", type=float, default=None,
+                   help="weight of the cross-entropy (eagle: next to the feature loss; default eagle 0.1, eagle3 1)")
+    p.add_argument("--draft-vocab", type=int, default=0, help="eagle3: reduced draft vocabulary size (0 = full)")
+    p.add_argument("--gen-batch", type=int, default=16, help="prompts answered together by the target")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="auto", help="the target's dtype while answering (auto: fp32 CPU, bf16 CUDA)")
+    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no", help="accelerate's setting")
+    p.add_argument("--data", default=None,
+                   help="cache file for the self-distilled data: reused when it matches target, corpus, layers and "
+                        "--max-new-tokens, written otherwise (default: not cached)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing head folder")
+    p.set_defaults(func=cmd_train_head)
+
+
+def command_line(args) -> str:
+    """The full command that reproduces this run (every option spelled out)."""
+    parts = ["spec-harness train-head", f"--target {args.target}", f"--variant {args.variant}", f"--out {args.out}",
+             f"--prompts {args.prompts}", f"--max-new-tokens {args.max_new_tokens}", f"--epochs {args.epochs}",
+             f"--lr {args.lr:g}", f"--batch-size {args.batch_size}", f"--grad-accum {args.grad_accum}",
+             f"--unroll {args.unroll}", f"--cls-weight {args.cls_weight:g}", f"--draft-vocab {args.draft_vocab}",
+             f"--gen-batch {args.gen_batch}", f"--device {args.device}", f"--dtype {args.dtype}",
+             f"--mixed-precision {args.mixed_precision}", f"--seed {args.seed}"]
+    if args.threads:
+        parts.append(f"--threads {args.threads}")
+    if args.data:
+        parts.append(f"--data {args.data}")
+    return " ".join(parts)
+
+
+def validate(args) -> None:
+    for name in ("prompts", "max_new_tokens", "epochs", "batch_size", "grad_accum", "unroll", "gen_batch"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.prompts < 2:
+        raise UserError("--prompts must be >= 2 (one is held out)")
+    if args.lr <= 0 or args.cls_weight < 0:
+        raise UserError("--lr must be > 0 and --cls-weight >= 0")
+    if args.draft_vocab and args.variant != "eagle3":
+        raise UserError("--draft-vocab applies to --variant eagle3 only")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UserError(f"output folder {out} exists: pass --overwrite to replace it")
+
+
+# -- data ------------------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def self_distill(target, prompts: list[list[int]], layers: tuple[int, ...], max_new: int, batch: int,
+                 eos: set[int], desc: str = "self-distillation") -> list[dict]:
+    """The target answers every prompt greedily, in batches of similar length. Per prompt: ids (prompt +
+    answer), plen, and for every fed token (all but the last id) feats [n, L, H] (the given layers, in
+    order) and the target's top-k p (p_ids, p_vals [n, TOPK_P]) for the token after it."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[dict | None] = [None] * len(prompts)
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", dynamic_ncols=True)
+    dev = target.device
+    for start in range(0, len(order), batch):
+        idx = order[start:start + batch]
+        seqs = [prompts[i] for i in idx]
+        B, lens = len(seqs), [len(s) for s in seqs]
+        ids = torch.zeros(B, max(lens), dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, :len(s)] = torch.tensor(s)
+        target.reset(B)
+        o = target.forward(ids.to(dev), hidden_layers=layers)  # right-padded: causal rows never see padding
+        target.commit(torch.tensor(lens, device=dev))
+        chunks = [[_rows(o.hidden, o.logits, layers, b, slice(0, lens[b]))] for b in range(B)]
+        nxt = o.logits[torch.arange(B, device=dev), torch.tensor(lens, device=dev) - 1].argmax(-1)
+        answers, done = [[] for _ in range(B)], [False] * B
+        for step in range(max_new):
+            for b, t in enumerate(nxt.tolist()):
+                if not done[b]:
+                    answers[b].append(t)
+                    done[b] = t in eos
+            if all(done) or step == max_new - 1:
+                break
+            o = target.forward(nxt[:, None], hidden_layers=layers)
+            target.commit(torch.ones(B, dtype=torch.long, device=dev))
+            for b in range(B):
+                if not done[b]:
+                    chunks[b].append(_rows(o.hidden, o.logits, layers, b, slice(0, 1)))
+            nxt = o.logits[:, 0].argmax(-1)
+        for b, i in enumerate(idx):
+            feats, p_ids, p_vals = (torch.cat([c[j] for c in chunks[b]]) for j in range(3))
+            out[i] = dict(ids=seqs[b] + answers[b], plen=lens[b], feats=feats, p_ids=p_ids, p_vals=p_vals)
+        bar.update(B)
+    bar.close()
+    return out
+
+
+def _rows(hidden, logits, layers, b, sl):
+    feats = torch.stack([hidden[layer][b, sl] for layer in layers], 1).float().cpu()  # [t, L, H]
+    p_vals, p_ids = torch.softmax(logits[b, sl].float(), -1).topk(TOPK_P, dim=-1)
+    return feats, p_ids.cpu(), p_vals.cpu()
+
+
+def collate(seqs: list[dict], pad_steps: int) -> dict:
+    """Right-pads a list of sequences: ids [B, T + pad_steps + 1], feats [B, T, L, H], p [B, T, K],
+    fed [B] (rows with features), plen [B]."""
+    B, T = len(seqs), max(s["feats"].shape[0] for s in seqs)
+    L, H = seqs[0]["feats"].shape[1:]
+    ids = torch.zeros(B, T + pad_steps + 1, dtype=torch.long)
+    feats = torch.zeros(B, T, L, H)
+    p_ids = torch.zeros(B, T, TOPK_P, dtype=torch.long)
+    p_vals = torch.zeros(B, T, TOPK_P)
+    for b, s in enumerate(seqs):
+        n = s["feats"].shape[0]
+        ids[b, :n + 1] = torch.tensor(s["ids"][:n + 1])
+        feats[b, :n], p_ids[b, :n], p_vals[b, :n] = s["feats"], s["p_ids"], s["p_vals"]
+    fed = torch.tensor([s["feats"].shape[0] for s in seqs])
+    plen = torch.tensor([s["plen"] for s in seqs])
+    return dict(ids=ids, feats=feats, p_ids=p_ids, p_vals=p_vals, fed=fed, plen=plen)
+
+
+def feature_loss(pred: torch.Tensor, target: torch.Tensor, norm: torch.Tensor, eps: float) -> torch.Tensor:
+    """Smooth-L1 between predicted and target features [M, H] as the LM head sees them: after the target's
+    final RMSNorm (`norm`). Raw last-layer features carry a few huge dimensions and a scale that neither
+    the LM head nor the head's own input norm reads."""
+    return F.smooth_l1_loss(rms_norm(pred, norm, eps), rms_norm(target, norm, eps))
+
+
+# -- the unrolled head -------------------------------------------------------------------------------------
+class Unrolled(nn.Module):
+    """The head unrolled `steps` times from every position of a batch of sequences (training-time test).
+
+    Step s, row t (origin t) pairs the feature of position t + s (step 0: the target's; then the head's
+    own output of step s-1) with token t + s + 1, at position t + s, and scores token t + s + 2. It attends
+    to the step-0 rows of origins <= t (the committed context) and to its own rows of steps 1..s: what
+    drafting s + 1 tokens after committed position t sees.
+
+    While training, an `eagle` head's softmax runs over `loss_vocab` (the tokens that are among the target's
+    8 most likely at some training position, or in an answer): a sampled softmax that cuts the cost of the
+    frozen LM head several-fold. Tokens outside it are rare under the target, and the held-out accuracy
+    (eval mode) uses the whole vocabulary, as drafting does.
+    """
+
+    def __init__(self, head: EagleHead, frozen: Frozen, steps: int, cls_weight: float,
+                 loss_vocab: torch.Tensor | None = None):
+        super().__init__()
+        self.head, self.steps, self.cls_weight = head, steps, cls_weight
+        self.eps = frozen.eps
+        self.register_buffer("embed", frozen.embed.detach().float().clone(), persistent=False)
+        self.register_buffer("norm", frozen.norm.detach().float().clone(), persistent=False)
+        self.register_buffer("lm_head", frozen.lm_head.detach().float().clone(), persistent=False)
+        t2d = torch.full((head.cfg.vocab_size,), -1, dtype=torch.long)
+        if head.cfg.draft_vocab:
+            t2d[head.d2t] = torch.arange(head.cfg.draft_vocab)
+        if loss_vocab is not None:
+            t2d[loss_vocab] = torch.arange(len(loss_vocab))
+            self.register_buffer("loss_vocab", loss_vocab, persistent=False)
+        else:
+            self.loss_vocab = None
+        self.register_buffer("t2d", t2d, persistent=False)  # target id -> row of the training softmax, -1 outside
+
+    def frozen(self) -> Frozen:
+        return Frozen(embed=self.embed, norm=self.norm, lm_head=self.lm_head, eps=self.eps)
+
+    def forward(self, ids, feats, p_ids, p_vals, fed, plen, steps: int | None = None):
+        """Returns (loss, stats): stats holds per-step `correct` and `valid` [S, B, T] bool (greedy draft
+        equals the target's greedy token; origin t in the answer and target in range), the head's
+        `outputs` per step [B, T, H], and the loss parts."""
+        head, frozen = self.head, self.frozen()
+        S = steps or self.steps
+        B, T = feats.shape[:2]
+        dev = feats.device
+        layers = head.cfg.layers
+        f_in = head.features({layer: feats[:, :, i] for i, layer in enumerate(layers)})  # [B, T, H]
+        t = torch.arange(T, device=dev)
+        causal = t[None, :] <= t[:, None]  # [T, T] step-0 context
+        eye = torch.eye(T, dtype=torch.bool, device=dev)
+        keys, values = [], []
+        loss = feats.new_zeros(())
+        parts = dict(feat=0.0, ce=0.0)
+        correct, valid_all, outputs = [], [], []
+        for s in range(S):
+            x = head.inputs(F.embedding(ids[:, s + 1:s + 1 + T], self.embed), f_in)
+            cos, sin = head.rope((t + s)[None].expand(B, T), x.dtype)
+            q, k, v = head.layer.qkv(x, cos, sin)
+            keys.append(k)
+            values.append(v)
+            mask = torch.cat([causal] + [eye] * s, 1)[None, None]  # [1, 1, T, (s+1) T]
+            out = head.layer.finish(x, head.layer.attend(q, torch.cat(keys, 2), torch.cat(values, 2), mask))
+            tgt = t + s + 1  # position whose feature / next-token distribution row t of step s predicts
+            valid = (t[None] >= plen[:, None] - 1) & (tgt[None] <= fed[:, None] - 1)  # [B, T]
+            b_i, t_i = valid.nonzero(as_tuple=True)
+            rows = out[b_i, t_i]  # [M, H]
+            sub = self.training and self.loss_vocab is not None
+            if sub:
+                logits = F.linear(rms_norm(rows, self.norm, self.eps), self.lm_head[self.loss_vocab])
+            else:
+                logits = head.logits(rows, frozen)
+            logp = torch.log_softmax(logits.float(), -1)  # [M, V or N or the loss vocabulary]
+            pi, pv = p_ids[b_i, t_i + s + 1], p_vals[b_i, t_i + s + 1]  # [M, K]
+            if head.cfg.draft_vocab or sub:
+                pi = self.t2d[pi]
+                pv = torch.where(pi >= 0, pv, 0.0)
+            ce = -(pv * logp.gather(1, pi.clamp(min=0))).sum(-1).mean() if len(rows) else loss
+            step_loss = self.cls_weight * ce
+            if head.cfg.variant == "eagle":
+                fl = feature_loss(rows, feats[b_i, t_i + s + 1, 0], self.norm, self.eps) if len(rows) else loss
+                step_loss = step_loss + fl
+                parts["feat"] += float(fl.detach()) * STEP_DECAY ** s
+            parts["ce"] += float(ce.detach()) * STEP_DECAY ** s
+            loss = loss + STEP_DECAY ** s * step_loss
+            draft = logp.argmax(-1)
+            if sub:
+                draft = self.loss_vocab[draft]
+            elif head.cfg.draft_vocab:
+                draft = head.d2t[draft]
+            hit = torch.zeros(B, T, dtype=torch.bool, device=dev)
+            hit[b_i, t_i] = draft == p_ids[b_i, t_i + s + 1, 0]
+            correct.append(hit)
+            valid_all.append(valid)
+            outputs.append(out)
+            f_in = out
+        return loss, dict(correct=torch.stack(correct), valid=torch.stack(valid_all), outputs=outputs, **parts)
+
+
+@torch.no_grad()
+def heldout_accuracy(model: Unrolled, data: list[dict], batch: int = 4) -> dict:
+    """Greedy acceptance on held-out answers by depth 1..EVAL_DEPTH: cumulative (first j drafts all
+    right: what a chain gets accepted) and conditional (depth j right given 1..j-1 right)."""
+    model.eval()
+    dev = model.embed.device
+    hits = torch.zeros(EVAL_DEPTH)
+    total = 0
+    for i in range(0, len(data), batch):
+        b = {k: v.to(dev) for k, v in collate(data[i:i + batch], EVAL_DEPTH).items()}
+        _, st = model(**b, steps=EVAL_DEPTH)
+        origins = st["valid"][-1]  # every depth in range
+        run = st["correct"].cumprod(0).bool() & origins[None]  # [S, B, T]
+        hits += run.flatten(1).sum(1).float().cpu()
+        total += int(origins.sum())
+    model.train()
+    cum = (hits / max(total, 1)).tolist()
+    cond = [cum[0]] + [cum[j] / cum[j - 1] if cum[j - 1] > 0 else 0.0 for j in range(1, EVAL_DEPTH)]
+    return dict(positions=total, cumulative=[round(x, 4) for x in cum], conditional=[round(x, 4) for x in cond],
+                expected_tau_chain5=round(1 + sum(cum), 3))
+
+
+# -- the command -----------------------------------------------------------------------------------------------
+def cmd_train_head(args: argparse.Namespace) -> int:
+    args.unroll = args.unroll or (2 if args.variant == "eagle" else 3)
+    if args.cls_weight is None:
+        args.cls_weight = 0.1 if args.variant == "eagle" else 1.0
+    validate(args)
+    train_head(args)
+    return 0
+
+
+def train_head(args: argparse.Namespace) -> Path:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from harness.corpus import build_corpus, describe
+    from harness.runner import eos_ids, prompt_ids
+    from harness.targets import load_target
+    from harness.targets.loading import resolve_device
+
+    t_start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    acc = Accelerator(cpu=device.type == "cpu", gradient_accumulation_steps=args.grad_accum,
+                      mixed_precision=args.mixed_precision)
+    set_seed(args.seed)
+    out = Path(args.out)
+    if acc.is_main_process:
+        if out.exists() and args.overwrite:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()
+    target = load_target(args.target, backend="native", device=acc.device, dtype=args.dtype)
+    cfg = config_for_target(target, args.variant, draft_vocab=args.draft_vocab)
+    layers = tuple(cfg.layers)
+
+    # data: every process answers its share of the prompts, then every process reads all of them
+    texts = build_corpus(args.prompts, args.seed)
+    held = {i for i in range(len(texts)) if i % 20 == 19} or {len(texts) - 1}
+    prompts = [prompt_ids(target.tokenizer, [{"role": "user", "content": x}]) for x in texts]
+    target.max_len = max(len(p) for p in prompts) + args.max_new_tokens + 1  # the cache holds no more
+    key = dict(fingerprint=cfg.fingerprint, layers=list(layers), max_new_tokens=args.max_new_tokens,
+               prompts=hashlib.sha256(json.dumps(prompts).encode()).hexdigest())
+    cached = _load_data(args.data, key)
+    if cached is None:
+        mine = list(range(acc.process_index, len(prompts), acc.num_processes))
+        t0 = time.perf_counter()
+        part = self_distill(target, [prompts[i] for i in mine], layers, args.max_new_tokens, args.gen_batch,
+                            eos_ids(target))
+        data = _share(acc, out, dict(zip(mine, part)))
+        t_gen = time.perf_counter() - t0
+        if args.data and acc.is_main_process:
+            torch.save(dict(key=key, data=data, self_distillation_s=t_gen), args.data)
+    else:
+        data, t_gen = cached["data"], cached["self_distillation_s"]
+    train = [data[i] for i in range(len(prompts)) if i not in held]
+    heldout = [data[i] for i in sorted(held)]
+    if acc.is_main_process:
+        with open(out / "generated.jsonl", "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps({"ids": data[i]["ids"]}) + "\n" for i in range(len(prompts)))
+
+    frozen = Frozen.of(target)
+    counts = None
+    if args.draft_vocab:
+        counts = torch.bincount(torch.tensor([t for s in train for t in s["ids"][s["plen"]:]]),
+                                minlength=cfg.vocab_size)
+    head = init_head(cfg, frozen, args.seed, counts)
+    del target
+    loss_vocab = None if args.draft_vocab else torch.cat(
+        [torch.cat([s["p_ids"][:, :LOSS_VOCAB_TOPK].flatten(), torch.tensor(s["ids"])]) for s in train]).unique()
+    model = Unrolled(head, frozen, args.unroll, args.cls_weight, loss_vocab)
+    gen = torch.Generator().manual_seed(args.seed)
+    loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=True, generator=gen,
+                                         collate_fn=lambda s: collate(s, args.unroll))
+    opt = torch.optim.AdamW(head.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    total_steps = max(1, args.epochs * math.ceil(len(loader) / args.grad_accum))
+    warm = max(1, total_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i / total_steps, 1.0)))))
+    model, opt, loader, sched = acc.prepare(model, opt, loader, sched)
+
+    rows, evals = [], []
+    t0 = time.perf_counter()
+    bar = tqdm(total=args.epochs * len(loader), desc="training", unit="batch", dynamic_ncols=True,
+               disable=not acc.is_main_process)
+    for epoch in range(args.epochs):
+        for batch in loader:
+            with acc.accumulate(model):
+                loss, st = model(**batch)
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+            v = st["valid"][0]
+            top1 = float((st["correct"][0] & v).sum()) / max(int(v.sum()), 1)
+            rows.append(dict(step=len(rows) + 1, epoch=epoch + 1, loss=round(float(loss.detach()), 5),
+                             feat_loss=round(st["feat"], 5), ce=round(st["ce"], 5), top1=round(top1, 4),
+                             lr=f"{sched.get_last_lr()[0]:.3e}", elapsed_s=round(time.perf_counter() - t0, 1)))
+            bar.update(1)
+            bar.set_postfix_str(f"loss {rows[-1]['loss']:.3f} top1 {top1:.2f}")
+        if acc.is_main_process:
+            ev = heldout_accuracy(acc.unwrap_model(model), heldout)
+            evals.append(dict(epoch=epoch + 1, **ev))
+            bar.write(f"epoch {epoch + 1}: held-out acceptance by depth {ev['cumulative']} "
+                      f"(expected tau, chain of 5: {ev['expected_tau_chain5']})")
+    bar.close()
+    t_train = time.perf_counter() - t0
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        head = acc.unwrap_model(model).head
+        head.cfg.extra = dict(command=command_line(args))
+        save_head(head, out)
+        _write_logs(out, args, rows, evals, dict(
+            command=command_line(args), wall_s=round(time.perf_counter() - t_start, 1),
+            wall_s_from_scratch=round(time.perf_counter() - t_start + (t_gen if cached is not None else 0.0), 1),
+            self_distillation_s=round(t_gen, 1), data_cached=cached is not None, training_s=round(t_train, 1),
+            processes=acc.num_processes,
+            device=str(acc.device), threads=torch.get_num_threads(), python=platform.python_version(),
+            torch=torch.__version__, corpus=describe(), prompts=len(prompts), train_prompts=len(train),
+            heldout_prompts=len(heldout), prompt_tokens=sum(s["plen"] for s in data.values()),
+            answer_tokens=sum(len(s["ids"]) - s["plen"] for s in data.values()),
+            loss_vocab=None if loss_vocab is None else len(loss_vocab),
+            config=asdict(head.cfg)))
+    return out
+
+
+def _load_data(path: str | None, key: dict) -> dict | None:
+    """The cached self-distilled data at `path` if it was made for the same key, else None."""
+    if not path or not Path(path).is_file():
+        return None
+    cached = torch.load(path, weights_only=False)
+    return cached if cached.get("key") == key else None
+
+
+def _share(acc, out: Path, part: dict[int, dict]) -> dict[int, dict]:
+    """Every process's answered prompts, on every process (through files in the output folder)."""
+    if acc.num_processes == 1:
+        return part
+    shards = out / ".shards"
+    shards.mkdir(exist_ok=True)
+    torch.save(part, shards / f"{acc.process_index}.pt")
+    acc.wait_for_everyone()
+    data = {}
+    for r in range(acc.num_processes):
+        data.update(torch.load(shards / f"{r}.pt"))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        shutil.rmtree(shards)
+    return data
+
+
+def _write_logs(out: Path, args, rows: list[dict], evals: list[dict], info: dict) -> None:
+    final = evals[-1] if evals else {}
+    info = dict(info, heldout_accuracy=final, heldout_by_epoch=evals)
+    (out / "training_log.json").write_text(json.dumps(info, indent=2) + "\n")
+    with open(out / "training_log.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["step"])
+        w.writeheader()
+        w.writerows(rows)
+    with open(out / "accuracy.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["depth", "cumulative", "conditional"])
+        for j in range(len(final.get("cumulative", []))):
+            w.writerow([j + 1, final["cumulative"][j], final["conditional"][j]])
+    _plot(out / "loss.png", rows, final)
+
+
+def _plot(path: Path, rows: list[dict], final: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    steps = [r["step"] for r in rows]
+    for key, label in (("loss", "total"), ("ce", "cross-entropy"), ("feat_loss", "feature smooth-L1")):
+        if any(r[key] for r in rows):
+            a.plot(steps, [r[key] for r in rows], label=label, lw=1)
+    a.set_xlabel("optimiser step")
+    a.set_ylabel("loss")
+    a.set_yscale("log")
+    a.legend()
+    depths = list(range(1, len(final.get("cumulative", [])) + 1))
+    b.plot(depths, final.get("cumulative", []), "o-", label="cumulative (chain acceptance)")
+    b.plot(depths, final.get("conditional", []), "s--", label="conditional")
+    b.set_xlabel("draft depth")
+    b.set_ylabel("held-out greedy accuracy")
+    b.set_ylim(0, 1)
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

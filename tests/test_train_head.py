@@ -1,0 +1,88 @@
+"""`spec-harness train-head`: self-distillation data, the held-out accuracy meter, the corpus, and a short
+end-to-end run on a tiny model."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_eagle import PROMPT, oracle_head, one_layer_model
+
+from harness.cli import main
+from harness.corpus import _shingles, build_corpus, suite_shingles
+from harness.decode import decode
+from harness.drafters.ar import AR
+from harness.drafters.eagle import EagleDrafter, TreeShape
+from harness.heads import Frozen, load_head
+from harness.targets import build_target, load_target
+from harness.train_head import Unrolled, heldout_accuracy, self_distill
+
+
+def test_self_distillation_data_lines_up():
+    """Answers equal greedy decoding; features and p are the target's own, row for row."""
+    target = build_target(tiny_model(), None, "tiny", "native", max_len=256)
+    prompts = [PROMPT, PROMPT[:9], PROMPT[5:20]]
+    data = self_distill(target, prompts, (1, -1), max_new=10, batch=2, eos={257})
+    for prompt, d in zip(prompts, data):
+        ref = decode(target, AR(), prompt, max_new_tokens=10, k=1, temperature=0, seed=0, eos_ids={257}).new_ids
+        assert d["ids"] == prompt + ref and d["plen"] == len(prompt)
+        n = len(d["ids"]) - 1
+        assert d["feats"].shape == (n, 2, target.hidden_size) and d["p_ids"].shape == (n, 32)
+        target.reset(1)
+        out = target.forward(torch.tensor([d["ids"][:n]]), hidden_layers=(1, -1))
+        torch.testing.assert_close(d["feats"][:, 0], out.hidden[1][0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(d["feats"][:, 1], out.hidden[-1][0], atol=1e-4, rtol=0)
+        assert d["p_ids"][len(prompt) - 1:, 0].tolist() == d["ids"][len(prompt):]  # greedy answers
+
+
+def test_heldout_accuracy_of_an_exact_head_is_one():
+    """On a bigram target the oracle head is exact, so every depth's accuracy is 1; a random head's is ~0."""
+    model = one_layer_model(0.0)
+    target = build_target(model, None, "tiny", "native", max_len=256)
+    head, frozen = oracle_head(target, "eagle", model)
+    with torch.no_grad():
+        head.layer.wo.weight.zero_()
+    data = self_distill(target, [PROMPT, PROMPT[3:]], (-1,), max_new=20, batch=2, eos=set())
+    acc = heldout_accuracy(Unrolled(head, frozen, 1, 0.1), data)
+    assert acc["cumulative"] == [1.0] * 5 and acc["positions"] > 20
+    assert acc["expected_tau_chain5"] == 6.0
+
+
+def test_corpus_is_deterministic_and_disjoint_from_the_suites():
+    a, b = build_corpus(120, seed=0), build_corpus(120, seed=0)
+    assert a == b and len(a) == 120 and len(set(a)) == 120
+    assert build_corpus(120, seed=1) != a
+    banned = suite_shingles()
+    assert banned and not any(_shingles(text) & banned for text in a)
+    assert any("```python" in t for t in a) and any("Write a Python function" in t for t in a)
+
+
+@pytest.mark.parametrize("variant", ["eagle", "eagle3"])
+def test_train_head_end_to_end(tmp_path, tiny_dir, monkeypatch, variant):
+    monkeypatch.setattr("harness.corpus.build_corpus",
+                        lambda n, seed: [f"Say something about the number {i}." for i in range(n)])
+    out = tmp_path / "head"
+    argv = ["train-head", "--target", str(tiny_dir), "--variant", variant, "--out", str(out), "--prompts", "6",
+            "--max-new-tokens", "12", "--epochs", "2", "--batch-size", "2", "--gen-batch", "4", "--device", "cpu"]
+    if variant == "eagle3":
+        argv += ["--draft-vocab", "64", "--unroll", "2"]
+    assert main(argv) == 0
+    for name in ("config.json", "model.safetensors", "training_log.json", "training_log.csv", "loss.png",
+                 "accuracy.csv", "generated.jsonl"):
+        assert (out / name).is_file(), name
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["command"].startswith(f"spec-harness train-head --target {tiny_dir} --variant {variant}")
+    assert len(log["heldout_accuracy"]["cumulative"]) == 5 and log["prompts"] == 6 and log["wall_s"] > 0
+    lines = (out / "generated.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and all(json.loads(x)["ids"] for x in lines)
+    rows = (out / "training_log.csv").read_text().splitlines()
+    assert rows[0].startswith("step,epoch,loss") and len(rows) == 1 + 2 * 3  # 5 training prompts, batches of 2
+    # the head it wrote drafts losslessly for its target
+    target = load_target(str(tiny_dir), backend="native", device="cpu", dtype="float32", max_len=256)
+    head = load_head(out, target, variant)
+    ref = decode(target, AR(), PROMPT, max_new_tokens=16, k=3, temperature=0, seed=0, eos_ids=set()).new_ids
+    for tree in (None, TreeShape(3, 2, 4)):
+        drafter = EagleDrafter(head, Frozen.of(target), variant, tree, 256, target.device)
+        assert decode(target, drafter, PROMPT, max_new_tokens=16, k=3, temperature=0, seed=0,
+                      eos_ids=set()).new_ids == ref
+    assert main(argv) == 2  # an existing folder is refused without --overwrite
