@@ -28,6 +28,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+# On the GPU machine, after the two staging calls of benchmarks/gpu_stage.md: every GPU measurement.
+bench-gpu:
+	bash benchmarks/gpu_run.sh
+
 bench-kernels: $(STAMP)
 	$(PY) -m pytest benchmarks/bench_kernels.py --benchmark-autosave -q
 
