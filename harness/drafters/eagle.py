@@ -42,10 +42,10 @@ class TreeShape:
 
 
 # Defaults when no tree flag is given, by device type: None = chains of --k. Measured on SmolLM2-135M
-# (fp32, one CPU thread, 5 mini prompts x 64 tokens, shipped head): tau 1.32 for a chain of 3, 1.48 for
-# the tree below and 1.59 for D=6 k=8 N=32, but 6.8, 3.8 and 2.6 tok/s: on a CPU the verify forward
-# costs about linearly in its tokens, so chains are the default there; GPUs verify wide trees at the
-# cost of one token (EAGLE-2's setting, not measured here).
+# (fp32, one CPU thread, 5 mini prompts x 64 tokens, shipped head): tau 1.35 for a chain of 3, 1.46 for
+# the tree below and 1.58 for D=6 k=8 N=32, but 6.5, 4.7 and 2.6 tok/s (ar: 10.2): on a CPU the verify
+# forward costs about linearly in its tokens, so chains are the default there; GPUs verify wide trees at
+# about the cost of one token (EAGLE-2's setting, not measured here).
 DEFAULT_SHAPE = {"cpu": None, "cuda": TreeShape(depth=6, top_k=8, total_tokens=48)}
 TREE_DEFAULTS = TreeShape(depth=5, top_k=4, total_tokens=10)  # fills the tree flags not given
 
