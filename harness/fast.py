@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from harness.errors import UserError
-from harness.targets.base import Target, TargetOutput
+from harness.targets.base import Target, TargetOutput, TargetProxy
 from harness.targets.native import NativeTarget
 
 MAX_TOKENS = 128  # longest step (T) that gets a graph: covers K + 1 <= 65 and EAGLE trees
@@ -98,7 +98,7 @@ class StepGraph:
         return self.out
 
 
-class FastTarget(Target):
+class FastTarget(TargetProxy):
     """A native target whose steps replay as CUDA graphs (see module docstring). Attributes it does not
     define (name, tokenizer, sizes, device, dtype, max_len, hf_model, ...) are the wrapped target's."""
 
@@ -112,19 +112,6 @@ class FastTarget(Target):
         self.seen: dict[tuple, int] = {}
         self.stats = {"eager": 0, "captured": 0, "replayed": 0}  # forwards run eagerly, shapes captured, replays
         self._cache = inner.k_cache
-
-    def __getattr__(self, name):
-        if name.startswith("__") or "inner" not in self.__dict__:
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return self.inner.lengths
-
-    @lengths.setter
-    def lengths(self, value: torch.Tensor) -> None:
-        self.inner.lengths = value
 
     def reset(self, batch_size: int = 1) -> None:
         self.inner.reset(batch_size)

@@ -34,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from harness.config import RunConfig
 from harness.errors import UserError
-from harness.targets.base import Target
+from harness.targets.base import Target, TargetProxy
 from harness.timing import PHASES, PhaseClock
 
 CACHE_UPDATE, PREFILL, HOST = "cache update", "prefill", "host"
@@ -70,24 +70,11 @@ class RegionClock(PhaseClock):
             self._open()
 
 
-class RegionTarget(Target):
+class RegionTarget(TargetProxy):
     """A target (or a drafter's model) whose cache updates and prefill run inside named regions."""
 
     def __init__(self, inner: Target):
         self.inner = inner
-
-    def __getattr__(self, name):
-        if name.startswith("__") or "inner" not in self.__dict__:
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return self.inner.lengths
-
-    @lengths.setter
-    def lengths(self, value: torch.Tensor) -> None:
-        self.inner.lengths = value
 
     def forward(self, ids, positions=None, tree_mask=None, hidden_layers=()):
         return self.inner.forward(ids, positions, tree_mask, hidden_layers)

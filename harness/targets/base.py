@@ -78,3 +78,22 @@ class Target(ABC):
         out = self.forward(ids, hidden_layers=hidden_layers)
         self.commit(torch.full_like(self.lengths, ids.shape[1]))
         return out
+
+
+class TargetProxy(Target):
+    """A target that wraps another (`inner`): every attribute it does not define is the inner target's,
+    and `lengths` reads and writes through. Wrappers such as the CUDA-graph fast path and the profiler's
+    region target subclass it."""
+
+    def __getattr__(self, name):
+        if name.startswith("__") or "inner" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.inner.lengths
+
+    @lengths.setter
+    def lengths(self, value: torch.Tensor) -> None:
+        self.inner.lengths = value
