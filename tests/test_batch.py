@@ -22,15 +22,6 @@ EOS = {257}
 TEXTS = ("hi", "tell me a long story about cats and dogs", "abcabcabc abcabc abc", "x" * 30, "what is 2+2?")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The CPU is shared: one thread per process avoids oversubscription (and is faster for tiny models)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def target():
     return build_target(tiny_model(), byte_tokenizer(), "tiny", "native", max_len=256)

@@ -7,20 +7,11 @@ import json
 import math
 
 import pytest
-import torch
 
 from harness.calibrate import Calibration, expected_emitted, load_calibrations, plan_for_run, save_calibrations
 from harness.cli import main
 from harness.config import RunConfig
 from harness.records import read_jsonl
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_expected_emitted_by_hand():

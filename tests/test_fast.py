@@ -21,15 +21,6 @@ PROMPT = list(range(40, 52))
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, above all on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class OracleTree(Drafter):
     """A fixed-shape tree whose main branch follows a reference output (so paths get accepted) and whose
     side branches are wrong: exercises tree verify (positions + tree mask) and commit_path."""

@@ -26,14 +26,6 @@ GPU = pytest.param("triton", marks=[pytest.mark.gpu, pytest.mark.skipif(not torc
 BACKENDS = ["torch", GPU]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the reference's int64 hashing is slower with two contended threads
-    yield
-    torch.set_num_threads(threads)
-
-
 def device(backend):
     return "cuda" if backend == "triton" else "cpu"
 

@@ -17,14 +17,6 @@ from harness.ngram_base import NgramBase
 from harness.records import METER_FIELDS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny tensors: threads only add overhead on a shared CPU
-    yield
-    torch.set_num_threads(old)
-
-
 def _rand_pq(R, V, seed, scale=3.0):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(R, V, generator=g, dtype=torch.float64) * scale

@@ -20,14 +20,6 @@ from harness.records import JsonlWriter
 from _meter_sim import MarkovSource, simulate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _bigram(src: MarkovSource) -> np.ndarray:
     J = src.joint(1).sum(0)
     return J / J.sum(-1, keepdims=True)

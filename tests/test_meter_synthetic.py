@@ -10,20 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from harness.meter import Meter
 from harness.ngram_base import NgramBase
 
 from _meter_sim import MarkovSource, bootstrap_mean_ci, flatten, simulate
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,6 @@ from harness.cli import main
 from harness.profile import REGIONS, RegionClock
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_profile_writes_trace_and_phase_table(tiny_dir, tmp_path, capsys):
     out = tmp_path / "prof"
     rc = main(["profile", "--target", str(tiny_dir), "--drafter", "layerskip", "--layerskip-layers", "2",
