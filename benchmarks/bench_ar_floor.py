@@ -8,8 +8,8 @@ Rows, on the same prompts in the same run, each new token greedy and exactly --m
   floor        a bare CUDA-graph replay of one 1-token forward of the static native target, N times back
                to back after the prompt's prefill: no sampling, no Python loop, no input copies. The least
                time a token can take at one token per forward.
-  ar-fast      `ar` through harness.decode with harness.fast (one graph replay per step)
-  ar-eager     `ar` through harness.decode on the eager native target (what `run --no-fast` measures)
+  ar-fast      `ar` through harness.engine.step with harness.engine.fast (one graph replay per step)
+  ar-eager     `ar` through harness.engine.step on the eager native target (what `run --no-fast` measures)
   hf-generate  transformers' generate, greedy, min_new_tokens = max_new_tokens
 Method: one warm-up per row (which also captures the graphs), then --repeats rounds over the prompts with
 the rows interleaved; the device is synchronised around each timed call (time.perf_counter); medians.
@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 
 from harness.config import RunConfig
-from harness.decode import decode
+from harness.engine.step import decode
 from harness.drafters.ar import AR
-from harness.fast import StepGraph, enable_fast
+from harness.engine.fast import StepGraph, enable_fast
 from harness.runner import environment, eos_ids, prompt_ids
 from harness.suites import load_suite
 from harness.targets import build_target, load_target

@@ -24,14 +24,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from harness.batch import batch_summary, check_batchable
+from harness.engine.scheduler import batch_summary, check_batchable
 from harness.calibrate import calibrate, calibration_prompts, is_tree_drafter, save_calibrations
 from harness.config import RunConfig
 from harness.drafters import build_drafter
 from harness.errors import UserError
-from harness.fast import enable_fast, enable_fast_drafter, resolve_fast
+from harness.engine.fast import enable_fast, enable_fast_drafter, resolve_fast
 from harness.runner import run
-from harness.summary import markdown_table, write_summary
+from harness.reports.summary import markdown_table, write_summary
 from harness.targets import load_target
 from harness.targets.loading import resolve_device
 

@@ -28,8 +28,8 @@ import torch
 
 from harness.config import RunConfig
 from harness.drafters import build_drafter
-from harness.meter import Meter
-from harness.ngram_base import NgramBase
+from harness.meter.core import Meter
+from harness.meter.ngram_base import NgramBase
 from harness.runner import environment, eos_ids, run_prompt
 from harness.suites import load_suite
 from harness.targets import load_target

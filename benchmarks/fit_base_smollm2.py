@@ -8,7 +8,7 @@ from every suite). Writes harness/heads/smollm2-135m.ngram.safetensors.
 
 from pathlib import Path
 
-from harness.ngram_base import NgramBase, read_id_sequences
+from harness.meter.ngram_base import NgramBase, read_id_sequences
 
 HEADS = Path(__file__).resolve().parents[1] / "harness" / "heads"
 IM_START = 1  # <|im_start|> in SmolLM2's vocabulary; the header is <|im_start|> assistant \n

@@ -190,7 +190,7 @@ for s in "${STAGES[@]}"; do
     head)
         if [ -z "$EAGLE" ]; then
             log "head: skipped (no eagle drafter)"
-        elif "$PY" -c "import sys; from harness.heads import shipped_head; sys.exit(shipped_head('smollm2-135m', 'eagle') is None)" 2>/dev/null; then
+        elif "$PY" -c "import sys; from harness.drafters.heads import shipped_head; sys.exit(shipped_head('smollm2-135m', 'eagle') is None)" 2>/dev/null; then
             log "head: the shipped SmolLM2 EAGLE head is used"
         else
             stage head 150 "${SH[@]}" train-head --target smollm2-135m --variant eagle --device "$DEVICE" \

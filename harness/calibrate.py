@@ -208,7 +208,7 @@ def measure_accept(target, batch_sizes, k_max: int, has_q: bool, temperature: fl
                    verify_backend: str, repeats: int, warmup: int, context: int):
     """(t_accept, iqr): B -> K -> seconds of verify_chain on [B, K+1, V] logits plus the host read."""
     from harness.types import Proposal
-    from harness.verify import verify_chain
+    from harness.engine.verify import verify_chain
 
     dev, V = target.device, target.vocab_size
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -269,9 +269,9 @@ def measure_draft(target, drafter, batch_sizes, k_max: int, context_ids: list[in
 def measure_acceptance(target, drafter, prompts, k_max: int, temperature: float, seed: int,
                        max_new_tokens: int, verify_backend: str) -> tuple[list[float], list[float], int]:
     """(a_j, d_j, steps) from batch-1 decoding of each prompt's first turn at K = k_max."""
-    from harness.decode import decode
+    from harness.engine.step import decode
     from harness.runner import eos_ids, prompt_ids
-    from harness.summary import acceptance_by_position
+    from harness.reports.summary import acceptance_by_position
 
     eos = eos_ids(target)
     acc, depth = [], []
@@ -434,8 +434,8 @@ def register(subparsers) -> None:
 def cmd_calibrate(args) -> int:
     from harness.config import RunConfig
     from harness.drafters import build_drafter, is_peer
-    from harness.fast import enable_fast, enable_fast_drafter, resolve_fast
-    from harness.summary import markdown_table
+    from harness.engine.fast import enable_fast, enable_fast_drafter, resolve_fast
+    from harness.reports.summary import markdown_table
     from harness.targets import load_target
 
     names = [n.strip() for n in args.drafter.split(",") if n.strip()]
@@ -449,7 +449,7 @@ def cmd_calibrate(args) -> int:
     if max(args.batch_sizes) > 1 and args.backend == "hf":
         raise UserError("the hf backend decodes one sequence at a time: use --backend native for batch sizes > 1")
     target = load_target(cfg.target, backend=cfg.backend, device=cfg.device, dtype=cfg.dtype, max_len=cfg.max_len)
-    fast = resolve_fast(None, target)  # time the path runs take: CUDA graphs on a GPU (harness.fast)
+    fast = resolve_fast(None, target)  # time the path runs take: CUDA graphs on a GPU (harness.engine.fast)
     if fast:
         target = enable_fast(target)
     prompts = calibration_prompts(args.limit)

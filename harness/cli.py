@@ -13,8 +13,8 @@ from harness.errors import UserError
 # Modules that provide subcommands, in the order `spec-harness --help` lists them.
 COMMANDS = (
     "harness.run_cli",
-    "harness.summary", "harness.report", "harness.specbench", "harness.calibrate", "harness.profile",
-    "harness.train_head", "harness.ngram_base", "harness.surplus", "harness.probe",
+    "harness.reports.summary", "harness.reports.report", "harness.reports.specbench", "harness.calibrate", "harness.profile",
+    "harness.training.train_head", "harness.meter.ngram_base", "harness.meter.surplus", "harness.meter.probe",
 )
 
 

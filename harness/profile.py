@@ -7,7 +7,7 @@ DIR/phase_times.csv (time per region, also printed) and DIR/profile.json (what r
 environment fields as a run's env.json, and the workload's totals).
 
 Regions (torch.profiler.record_function), nested as they run:
-    draft, verify, accept, other  the per-step phases of harness.decode: the names harness.timing records
+    draft, verify, accept, other  the per-step phases of harness.engine.step: the names harness.timing records
                                   in steps.jsonl (t_draft, ...), in the same order
     cache update                  commit / commit_path / rollback / reset of the target's cache and of a
                                   drafter's own model cache (inside accept, draft or other)
@@ -102,7 +102,7 @@ class RegionTarget(TargetProxy):
 
 def workload(target, drafter, prompts, cfg: RunConfig, steps: int, eos: set[int]) -> dict:
     """Decodes prompts in turn until `steps` target forwards are done; returns totals."""
-    from harness.decode import decode
+    from harness.engine.step import decode
     from harness.runner import prompt_ids
 
     done = new_tokens = 0
@@ -163,7 +163,7 @@ def format_phase_table(rows: list[dict], device_type: str) -> str:
 
 def profile_run(cfg: RunConfig, drafter_name: str, steps: int, out: Path) -> list[dict]:
     from harness.drafters import build_drafter, is_peer
-    from harness.fast import enable_fast, enable_fast_drafter, precapture, resolve_fast
+    from harness.engine.fast import enable_fast, enable_fast_drafter, precapture, resolve_fast
     from harness.runner import environment, eos_ids
     from harness.suites import load_suite
     from harness.targets import load_target

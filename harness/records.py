@@ -5,7 +5,7 @@ results/<run-id>/
   env.json        device name, driver, versions of python/torch/transformers/triton, dtype, seed, git commit, command
   steps.jsonl     one line per (drafter, prompt, turn, step): a target forward and what it emitted
   prompts.jsonl   one line per (drafter, prompt) once that prompt is finished (the resume marker)
-  summary.csv     one row per drafter x category plus category "all" (see harness.summary)
+  summary.csv     one row per drafter x category plus category "all" (see harness.reports.summary)
   summary.md      the table a person reads
 
 steps.jsonl fields:

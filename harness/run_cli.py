@@ -50,7 +50,7 @@ def register(sub) -> None:
     p.add_argument("--total-tokens", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,  # harness.fast
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,  # harness.engine.fast
                    help="replay the native target's steps as CUDA graphs (default: on for CUDA)")
     # -- multi-process runs (harness.distributed) --
     p.add_argument("--processes", type=int, default=None,
@@ -92,7 +92,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def cmd_run(args: argparse.Namespace) -> int:
     from harness import distributed
     from harness.runner import run
-    from harness.summary import format_table, write_summary
+    from harness.reports.summary import format_table, write_summary
 
     cfg = config_from_args(args)
     # -- multi-process runs (harness.distributed) --

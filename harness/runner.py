@@ -14,10 +14,10 @@ import torch
 from tqdm import tqdm
 
 from harness.config import RunConfig
-from harness.decode import decode, flush_meter
+from harness.engine.step import decode, flush_meter
 from harness.drafters import build_drafter, is_peer, validate_drafters
 from harness.errors import UserError
-from harness.fast import enable_fast, enable_fast_drafter, precapture, resolve_fast
+from harness.engine.fast import enable_fast, enable_fast_drafter, precapture, resolve_fast
 from harness.records import JsonlWriter, read_jsonl
 from harness.suites import Prompt, load_suite
 from harness.targets import load_target
@@ -80,7 +80,7 @@ def environment(cfg: RunConfig, target) -> dict:
     model = getattr(target, "hf_model", None) or getattr(target, "model", None)
     placement = getattr(model, "hf_device_map", None)  # set by accelerate when it spread the model over devices
     env["device_map"] = placement or ({"": str(dev)} if cfg.device_map else None)  # --device-map auto: module -> device
-    env["fast"] = cfg.fast  # harness.fast: steps replayed as CUDA graphs
+    env["fast"] = cfg.fast  # harness.engine.fast: steps replayed as CUDA graphs
     if dev.type == "cuda":
         try:
             env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -171,14 +171,14 @@ def run(cfg: RunConfig, out: Path | None = None, rank: int = 0, world: int = 1, 
     prompts = prompts[rank::world]  # round-robin by prompt index (harness.distributed)
     target = load_target(cfg.target, backend=cfg.backend, device=cfg.device, dtype=cfg.dtype, max_len=cfg.max_len,
                          device_map=cfg.device_map)
-    # -- fast path (harness.fast): CUDA graphs, on by default for a native target on CUDA --
+    # -- fast path (harness.engine.fast): CUDA graphs, on by default for a native target on CUDA --
     cfg.fast = resolve_fast(cfg.fast, target)
     if cfg.fast:
         target = enable_fast(target)
     # -- end fast path --
     names = ["ar"] + [d for d in cfg.drafters if d != "ar"] if "ar" in cfg.drafters else list(cfg.drafters)
     drafters = {name: build_drafter(name, target, cfg) for name in names}
-    if cfg.fast:  # harness.fast: drafters that run a native model of their own replay graphs too
+    if cfg.fast:  # harness.engine.fast: drafters that run a native model of their own replay graphs too
         drafters = {name: enable_fast_drafter(d) for name, d in drafters.items()}
     meter = _meter(cfg, target)
     make_run_dir(cfg, out)
@@ -187,9 +187,9 @@ def run(cfg: RunConfig, out: Path | None = None, rank: int = 0, world: int = 1, 
     done, ar_out = _finished(out)
     eos = eos_ids(target)
     todo = [(p, n) for p in prompts for n in names if (n, p.prompt_id) not in done]
-    # -- batched decoding, --k auto and calibrated runs (harness.batch): own warm-up, loop and records --
+    # -- batched decoding, --k auto and calibrated runs (harness.engine.scheduler): own warm-up, loop and records --
     if cfg.batch_size > 1 or cfg.extra.get("k_auto") or cfg.extra.get("calibration"):
-        from harness.batch import run_batched
+        from harness.engine.scheduler import run_batched
         return run_batched(cfg, target, drafters, prompts, done, ar_out, eos, out, meter, rank=rank,
                            after_prompt=after_prompt)
     # -- end batched --
@@ -197,7 +197,7 @@ def run(cfg: RunConfig, out: Path | None = None, rank: int = 0, world: int = 1, 
         for name in names:  # warm-up: not recorded
             for p in prompts[:cfg.warmup]:
                 run_prompt(cfg, target, drafters[name], p, eos, meter=None, max_new=min(16, cfg.max_new_tokens))
-        if cfg.fast:  # harness.fast: capture every chain length now rather than inside a timed prompt
+        if cfg.fast:  # harness.engine.fast: capture every chain length now rather than inside a timed prompt
             precapture(target, drafters.values(), cfg.k)
     steps_w, prompts_w = JsonlWriter(out / "steps.jsonl"), JsonlWriter(out / "prompts.jsonl")
     totals = {n: [0, 0.0, 0, 0] for n in names}  # new tokens, wall, emitted, steps
@@ -231,7 +231,7 @@ def _meter(cfg: RunConfig, target):
     (fitted on target-generated text disjoint from every suite), else none (ce_base is then null)."""
     if not cfg.meter:
         return None
-    from harness.meter import build_meter
+    from harness.meter.core import build_meter
 
     shipped = BASES / f"{target.name}.ngram.safetensors"
     if cfg.meter_base is None and shipped.is_file():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from harness.meter import Meter, step_stats
+from harness.meter.core import Meter, step_stats
 
 
 def _entropy(joint: np.ndarray) -> float:

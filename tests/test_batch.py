@@ -1,4 +1,4 @@
-"""Batched decoding with continuous batching (harness.batch) on a tiny fp32 model: outputs at temperature
+"""Batched decoding with continuous batching (harness.engine.scheduler) on a tiny fp32 model: outputs at temperature
 0 equal batch-1 outputs, prompts join and leave, records carry the batch-1 fields."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import byte_tokenizer, tiny_model
 
-from harness.batch import BATCH_FIELDS, BatchDecoder, batch_summary, format_batch_summary, keep_cache_rows, one_row
+from harness.engine.scheduler import BATCH_FIELDS, BatchDecoder, batch_summary, format_batch_summary, keep_cache_rows, one_row
 from harness.config import RunConfig
 from harness.drafters import build_drafter
 from harness.errors import UserError
@@ -96,14 +96,14 @@ def test_run_writes_batch1_fields(tiny_dir, tmp_path):
 
 
 def test_tree_and_peer_drafters_refused(target):
-    from harness.batch import check_batchable
+    from harness.engine.scheduler import check_batchable
 
     with pytest.raises(UserError, match="batch-size 1"):
         check_batchable("hf-generate", build_drafter("hf-generate", target, RunConfig()))
 
 
 def test_meter_per_row(target):
-    from harness.meter import Meter
+    from harness.meter.core import Meter
     from harness.records import METER_FIELDS
 
     got = {}

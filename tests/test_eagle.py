@@ -6,13 +6,13 @@ import torch
 from conftest import tiny_model
 
 from harness.config import RunConfig
-from harness.decode import decode
+from harness.engine.step import decode
 from harness.drafters.ar import AR
 from harness.drafters.eagle import EagleDrafter, TreeShape, build_eagle, tree_shape
 from harness.errors import UserError
-from harness.heads import Frozen, config_for_target, init_head, load_head, save_head
+from harness.drafters.heads import Frozen, config_for_target, init_head, load_head, save_head
 from harness.targets import build_target
-from harness.train_head import Unrolled
+from harness.training.train_head import Unrolled
 
 CHAIN, TREE = None, TreeShape(depth=4, top_k=3, total_tokens=9)
 PROMPT = list(range(40, 64))

@@ -1,4 +1,4 @@
-"""The fast path (harness.fast): same tokens as the plain target through the decode loop, static shapes,
+"""The fast path (harness.engine.fast): same tokens as the plain target through the decode loop, static shapes,
 and on CUDA captured graphs that match eager execution."""
 
 import json
@@ -7,13 +7,13 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from harness.decode import decode
+from harness.engine.step import decode
 from harness.drafters.ar import AR
 from harness.drafters.base import Drafter
 from harness.drafters.model import layerskip
 from harness.drafters.ngram import NGram
 from harness.errors import UserError
-from harness.fast import FastTarget, enable_fast, enable_fast_drafter, precapture, resolve_fast
+from harness.engine.fast import FastTarget, enable_fast, enable_fast_drafter, precapture, resolve_fast
 from harness.targets import build_target
 from harness.types import Proposal
 
@@ -120,7 +120,7 @@ def test_precapture_covers_every_chain_length():
     assert fast.stats["eager"] == eager  # every step replayed a precaptured shape
 
 def test_steps_are_keyed_by_the_cache_they_write():
-    """harness.batch swaps in a view of one cache row: a graph captured on one view must not replay on another."""
+    """harness.engine.scheduler swaps in a view of one cache row: a graph captured on one view must not replay on another."""
     _, fast = targets()
     fast.reset(2)
     inner, ids = fast.inner, torch.tensor([[3]])

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from harness import ngram_base
-from harness.meter import Meter, row_stats, step_stats
-from harness.ngram_base import NgramBase
+from harness.meter import ngram_base
+from harness.meter.core import Meter, row_stats, step_stats
+from harness.meter.ngram_base import NgramBase
 from harness.records import METER_FIELDS
 
 
@@ -254,7 +254,7 @@ def test_build_meter_from_run_config(tmp_path):
 
     from harness.config import RunConfig
     from harness.errors import UserError
-    from harness.meter import build_meter
+    from harness.meter.core import build_meter
 
     target = SimpleNamespace(device=torch.device("cpu"), vocab_size=12)
     cfg = RunConfig(k=3, depth=10, max_new_tokens=20, meter=False)

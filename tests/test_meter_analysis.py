@@ -11,10 +11,10 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from harness import probe, surplus
+from harness.meter import probe; from harness.meter import surplus
 from harness.errors import UserError
-from harness.meter import Meter
-from harness.ngram_base import NgramBase
+from harness.meter.core import Meter
+from harness.meter.ngram_base import NgramBase
 from harness.records import JsonlWriter
 
 from _meter_sim import MarkovSource, simulate

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harness.meter import Meter
-from harness.ngram_base import NgramBase
+from harness.meter.core import Meter
+from harness.meter.ngram_base import NgramBase
 
 from _meter_sim import MarkovSource, bootstrap_mean_ci, flatten, simulate
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness import cli, plots, report
+from harness import cli; from harness.reports import plots; from harness.reports import report
 from test_summary import basic_run, make_prompt, make_steps, random_run, write_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -181,7 +181,7 @@ def test_compare_table_verdicts(tmp_path):
 
 
 def test_user_errors_exit_2_in_one_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "COMMANDS", ("harness.report",))
+    monkeypatch.setattr(cli, "COMMANDS", ("harness.reports.report",))
     run = basic_run(tmp_path / "run")
     assert cli.main(["compare", str(run), str(tmp_path / "missing")]) == 2
     assert cli.main(["compare", str(run), str(run), "--fail-on", "accept_rate"]) == 2
@@ -191,4 +191,4 @@ def test_user_errors_exit_2_in_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_commands_registered():
-    assert "harness.report" in cli.COMMANDS and "harness.specbench" in cli.COMMANDS
+    assert "harness.reports.report" in cli.COMMANDS and "harness.reports.specbench" in cli.COMMANDS

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from harness import report, specbench
+from harness.reports import report; from harness.reports import specbench
 from harness.errors import UserError
-from harness.summary import summarize
+from harness.reports.summary import summarize
 from test_summary import PHASE_TIMES, basic_run, make_prompt, make_steps, row, write_run
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from harness.errors import UserError
-from harness.summary import (
+from harness.reports.summary import (
     acceptance_by_position, bootstrap_ci, format_acceptance, format_table, summarize, write_summary,
 )
 

@@ -9,13 +9,13 @@ from conftest import tiny_model
 from test_eagle import PROMPT, oracle_head, one_layer_model
 
 from harness.cli import main
-from harness.corpus import _shingles, build_corpus, suite_shingles
-from harness.decode import decode
+from harness.training.corpus import _shingles, build_corpus, suite_shingles
+from harness.engine.step import decode
 from harness.drafters.ar import AR
 from harness.drafters.eagle import EagleDrafter, TreeShape
-from harness.heads import Frozen, load_head
+from harness.drafters.heads import Frozen, load_head
 from harness.targets import build_target, load_target
-from harness.train_head import Unrolled, heldout_accuracy, self_distill
+from harness.training.train_head import Unrolled, heldout_accuracy, self_distill
 
 
 def test_self_distillation_data_lines_up():
@@ -59,7 +59,7 @@ def test_corpus_is_deterministic_and_disjoint_from_the_suites():
 
 @pytest.mark.parametrize("variant", ["eagle", "eagle3"])
 def test_train_head_end_to_end(tmp_path, tiny_dir, monkeypatch, variant):
-    monkeypatch.setattr("harness.corpus.build_corpus",
+    monkeypatch.setattr("harness.training.corpus.build_corpus",
                         lambda n, seed: [f"Say something about the number {i}." for i in range(n)])
     out = tmp_path / "head"
     argv = ["train-head", "--target", str(tiny_dir), "--variant", variant, "--out", str(out), "--prompts", "6",

@@ -5,7 +5,7 @@ Life of a drafter over one prompt (batch of B sequences):
     begin(ctx)                 after the target's prefill
     propose(ctx) -> Proposal   each step: K draft tokens per sequence (a chain) or a tree
     observe(ctx, out)          after verification: what each sequence committed
-Batches that change members (harness.batch) also call begin_row(ctx, b) when a sequence joins row b
+Batches that change members (harness.engine.scheduler) also call begin_row(ctx, b) when a sequence joins row b
 and keep_rows(rows) when finished sequences leave.
 """
 
@@ -65,7 +65,7 @@ class Drafter(ABC):
         """Called after verification with what each sequence kept."""
 
     def begin_row(self, ctx: DraftContext, b: int) -> None:
-        """Batches (harness.batch): a new sequence, or the next turn of one, took row b after the target
+        """Batches (harness.engine.scheduler): a new sequence, or the next turn of one, took row b after the target
         prefilled that row; ctx.history[b] is its context and ctx.prefill_hidden its prefill's hidden
         states (layer -> [1, T, H]). Drafters that decode batches override this and `keep_rows`."""
         raise UserError(f"the {self.name} drafter does not decode batches: use --batch-size 1")

@@ -1,4 +1,4 @@
-"""`eagle` and `eagle3`: a trained head (harness.heads) drafts from the target's own hidden states.
+"""`eagle` and `eagle3`: a trained head (harness.drafters.heads) drafts from the target's own hidden states.
 
 Chains (the default on a CPU, or `--total-tokens 0`): the head unrolls K = --k steps, feeding back its
 own output as the next feature; q = softmax(head logits / T) (T = 1 when greedy).
@@ -13,7 +13,7 @@ so the tree keeps the greedy tree's shape (a function of the context alone) and 
 each node's children without replacement from q at that node. This costs a second pass of the head.
 
 The head keeps its own KV cache (one layer, preallocated, slot = position, like the target's). Row t of
-the cache pairs the target feature of token t with token t+1 (see harness.heads). Committed rows always
+the cache pairs the target feature of token t with token t+1 (see harness.drafters.heads). Committed rows always
 hold target features: after a step the accepted drafts' rows are recomputed from the target's features
 of the kept tokens (`pending`, fed at the start of the next proposal) and the draft rows, which sit beyond
 the committed length, are simply overwritten (a pointer move, no copy).
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from harness.drafters.base import Committed, DraftContext, Drafter, sample_or_argmax
 from harness.errors import UserError
-from harness.heads import EagleHead, Frozen, load_head, shipped_head
+from harness.drafters.heads import EagleHead, Frozen, load_head, shipped_head
 from harness.targets.base import causal_or_tree_mask
 from harness.types import Proposal
 

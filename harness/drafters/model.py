@@ -81,7 +81,7 @@ class ARDraftModel(Drafter):
 
     @torch.inference_mode()
     def begin_row(self, ctx: DraftContext, b: int) -> None:
-        from harness.batch import one_row
+        from harness.engine.scheduler import one_row
 
         history = ctx.history[b]
         with one_row(self.model, b, empty=True):  # prefill this row alone; the last token stays pending
@@ -90,7 +90,7 @@ class ARDraftModel(Drafter):
         self.pending[b] = history[-1:]
 
     def keep_rows(self, rows: list[int]) -> None:
-        from harness.batch import keep_cache_rows
+        from harness.engine.scheduler import keep_cache_rows
 
         keep_cache_rows(self.model, rows)
         self.pending = [self.pending[r] for r in rows]

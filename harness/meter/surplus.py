@@ -1,6 +1,6 @@
 """`spec-harness surplus RUN_DIR`: the information-surplus report, rebuilt from a run's raw records.
 
-Reads steps.jsonl (meter fields, see harness.meter) and prompts.jsonl (finished prompts) and writes
+Reads steps.jsonl (meter fields, see harness.meter.core) and prompts.jsonl (finished prompts) and writes
   surplus.md                      the tables (also put into summary.md as a section)
   surplus.csv                     one row per drafter x category (and "all")
   surplus_calibration.csv         alpha_theory against observed acceptance, per drafter and depth
@@ -226,7 +226,7 @@ def render(res: dict) -> str:
         "## Information surplus",
         "",
         "Estimators are ours (arXiv 2507.19247 §4.1 defines the surplus, eqs 4.1-4.2, but gives none); see"
-        " harness/meter.py. Nats; [95% bootstrap over prompts]. first_ub bounds I(H_t; W_t) and surplus_ub"
+        " harness/meter/core.py. Nats; [95% bootstrap over prompts]. first_ub bounds I(H_t; W_t) and surplus_ub"
         " bounds the surplus I(H_t; W_t+1.. | W_t) of the committed window from above (per step, depth 1 and"
         " depths >= 2); surplus_use is the drafter's predictive V-information at depths >= 2.",
     ]

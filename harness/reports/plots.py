@@ -1,7 +1,7 @@
 """Figures for `spec-harness report`, each saved as PNG with the data behind it as CSV (same basename).
 
 Every figure is FIGSIZE at DPI (1000 x 450 pixels), has a title, axis labels with units and a caption
-naming the run(s), device and target. The functions take the summary table (harness.summary) with a
+naming the run(s), device and target. The functions take the summary table (harness.reports.summary) with a
 `series` column (the label of one line or bar set: drafter, plus run and batch size when several)
 and return the Figure records they wrote, or None when the run has nothing to show.
 """
@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from harness.summary import ALL, PHASES, acceptance_columns  # noqa: E402
+from harness.reports.summary import ALL, PHASES, acceptance_columns  # noqa: E402
 
 FIGSIZE = (10.0, 4.5)  # inches
 DPI = 100              # -> 1000 x 450 pixels

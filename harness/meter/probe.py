@@ -212,7 +212,7 @@ def collect(target, sequences: list[list[int]], cfg: CollectConfig):
 
 def _read_sequences(args, tokenizer) -> list[list[int]]:
     if args.ids:
-        from harness.ngram_base import read_id_sequences
+        from harness.meter.ngram_base import read_id_sequences
 
         return read_id_sequences(args.ids)
     path = Path(args.text)

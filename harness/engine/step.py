@@ -11,7 +11,7 @@ import torch
 
 from harness.drafters.base import Committed, DraftContext, Drafter
 from harness.timing import PhaseClock
-from harness.verify import verify_chain, verify_tree
+from harness.engine.verify import verify_chain, verify_tree
 
 
 @dataclass

@@ -20,7 +20,7 @@ the target's and the drafter's distributions for it.
   h_verify_j     H(p_j), entropy of the target's distribution at depth j
   h_draft_j      H(q_j), entropy of the drafter's distribution (null for one-hot drafters and bonus tokens)
   ce_draft_j     -log q_j(w), w the committed token (q clamped at 1e-30)
-  ce_base_j      -log q_base(w | W_t..W_{t+j-2}), q_base the n-gram of harness.ngram_base, conditioned
+  ce_base_j      -log q_base(w | W_t..W_{t+j-2}), q_base the n-gram of harness.meter.ngram_base, conditioned
                  only on tokens committed earlier in the same step (the last order - 1 of them; none at j = 1)
   kl_j, tv_j     KL(p_j || q_j) and total variation; alpha_theory_j = sum min(p_j, q_j) = 1 - tv_j,
                  the acceptance probability of one draft under speculative sampling (Leviathan et al. 2023;
@@ -54,7 +54,7 @@ import math
 import numpy as np
 import torch
 
-from harness.ngram_base import NgramBase
+from harness.meter.ngram_base import NgramBase
 from harness.records import METER_FIELDS
 
 _Q_FLOOR = 1e-30

@@ -36,7 +36,7 @@ from harness.targets.native import SUPPORTED_MODEL_TYPES, LlamaSpec, apply_rope,
 
 VARIANTS = ("eagle", "eagle3")
 FORMAT_VERSION = 1
-HEADS_DIR = Path(__file__).resolve().parent / "heads"  # heads shipped with the package: <target>-<variant>/
+HEADS_DIR = Path(__file__).resolve().parent.parent / "heads"  # heads shipped with the package: <target>-<variant>/
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """`spec-harness train-head`: trains an EAGLE head on the target's own answers (self-distillation).
 
-1. Prompts: `harness.corpus.build_corpus(--prompts, --seed)` asked through the target's chat template;
+1. Prompts: `harness.training.corpus.build_corpus(--prompts, --seed)` asked through the target's chat template;
    every 20th prompt is held out.
 2. Data: the target answers every prompt greedily (--max-new-tokens; batched on the native backend). For
    each token fed to it we keep the hidden states the head reads and the target's top-32 next-token
@@ -40,7 +40,7 @@ from torch import nn
 from tqdm import tqdm
 
 from harness.errors import UserError
-from harness.heads import EagleHead, Frozen, config_for_target, init_head, save_head
+from harness.drafters.heads import EagleHead, Frozen, config_for_target, init_head, save_head
 from harness.targets.native import rms_norm
 
 TOPK_P = 32  # target probabilities kept per position
@@ -317,7 +317,7 @@ def train_head(args: argparse.Namespace) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from harness.corpus import build_corpus, describe
+    from harness.training.corpus import build_corpus, describe
     from harness.runner import eos_ids, prompt_ids
     from harness.targets import load_target
     from harness.targets.loading import resolve_device

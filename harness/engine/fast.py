@@ -9,7 +9,7 @@ the host.
 
 `enable_fast(target)` makes a native target static and wraps it in a `FastTarget` (the same Target
 interface). For each step shape, keyed by (B, T, positions given, tree mask given, hidden layers) and the
-cache tensors' addresses (harness.batch swaps in views of the cache), it keeps one `StepGraph`: static inputs ids [B, T], positions [B, T], tree mask [B, T, T], lengths [B] and
+cache tensors' addresses (harness.engine.scheduler swaps in views of the cache), it keeps one `StepGraph`: static inputs ids [B, T], positions [B, T], tree mask [B, T, T], lengths [B] and
 static outputs logits [B, T, V] plus the hidden states asked for. A shape runs eagerly the first
 `capture_after - 1` times it is seen (so one-off shapes, such as a draft model's first feed of a whole
 prompt, are never captured); then it is warmed up on a side stream, captured, and from then on each step

@@ -23,11 +23,11 @@ import pandas as pd
 
 from harness.errors import UserError
 from harness.records import JsonlWriter
-from harness.summary import PHASES, bootstrap_ci, load_records
+from harness.reports.summary import PHASES, bootstrap_ci, load_records
 
 
 def _model_name(run_dir: Path) -> str:
-    from harness.report import run_info
+    from harness.reports.report import run_info
 
     target = run_info(run_dir)["target"]
     return target.rstrip("/").split("/")[-1] or "target"

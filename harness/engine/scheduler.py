@@ -1,7 +1,7 @@
 """Batched decoding with continuous batching (`--batch-size B`, native backend), and the run path of
 `--k auto` (at any batch size).
 
-B sequences decode together in one loop like harness.decode: each step the drafter proposes for every
+B sequences decode together in one loop like harness.engine.step: each step the drafter proposes for every
 row, the target verifies [B, K+1] in one forward, verification returns num_accepted per row and the
 target commits per row (a ragged pointer move). When a row's turn ends (EOS or max_new_tokens) the row
 takes that prompt's next turn, or else the next waiting prompt: the row's cache is emptied
@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from harness.decode import _cut
+from harness.engine.step import _cut
 from harness.drafters import is_peer
 from harness.drafters.base import Committed, DraftContext, Drafter
 from harness.errors import UserError
@@ -41,7 +41,7 @@ from harness.records import JsonlWriter, read_jsonl
 from harness.suites import Prompt
 from harness.timing import PhaseClock
 from harness.types import Proposal
-from harness.verify import verify_chain
+from harness.engine.verify import verify_chain
 
 BATCH_RUNS = "batch_runs.jsonl"
 BATCH_FIELDS = (  # batch_runs.jsonl
@@ -53,7 +53,7 @@ BATCH_FIELDS = (  # batch_runs.jsonl
 # ----------------------------------------------------------------------------- cache rows
 
 def _cache_owner(target):
-    """The native target that holds the cache (harness.fast wraps one in a FastTarget)."""
+    """The native target that holds the cache (harness.engine.fast wraps one in a FastTarget)."""
     return getattr(target, "inner", target)
 
 
@@ -127,7 +127,7 @@ class BatchDecoder:
     Once no prompt waits, a finished row is parked (it stays in the forward with a one-token context,
     commits nothing and writes no records) until the live rows fit the next smaller bucket (B, then the
     powers of two below it); the batch then shrinks to that bucket. Step shapes therefore take a few
-    batch sizes only, which keeps the CUDA graphs of harness.fast few."""
+    batch sizes only, which keeps the CUDA graphs of harness.engine.fast few."""
 
     PARK_TOKEN = 0  # the context of a parked row
 
@@ -472,7 +472,7 @@ def batch_summary(run_dir: Path) -> pd.DataFrame:
                    prediction for it (NaN without a calibration)
     A run without batch_runs.jsonl (the plain batch-1 loop) gets tok_s_total = tok_s_seq and k = NaN.
     """
-    from harness.summary import load_records, per_prompt
+    from harness.reports.summary import load_records, per_prompt
 
     run_dir = Path(run_dir)
     table = per_prompt(*load_records(run_dir))
@@ -502,7 +502,7 @@ def batch_summary(run_dir: Path) -> pd.DataFrame:
 
 def format_batch_summary(df: pd.DataFrame) -> str:
     """batch_summary as a table a person reads (summary.md can append it)."""
-    from harness.summary import markdown_table
+    from harness.reports.summary import markdown_table
 
     def num(v, fmt):
         return "n/a" if v is None or not math.isfinite(float(v)) else format(float(v), fmt)

@@ -1,7 +1,7 @@
 """`spec-harness report` (tables, plots and report.md from run folders) and `spec-harness compare`
 (the change between two runs, judged against the bootstrap intervals).
 
-Everything is rebuilt from the raw records (harness.summary), so it works on any machine.
+Everything is rebuilt from the raw records (harness.reports.summary), so it works on any machine.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness import plots
+from harness.reports import plots
 from harness.errors import UserError
-from harness.summary import (
+from harness.reports.summary import (
     DEFINITIONS, format_acceptance, format_meters, format_table, format_time_split, list_stats,
     load_records, markdown_table, summarize, summarize_records,
 )
@@ -119,7 +119,7 @@ def parse_external(spec: str) -> tuple[Path, str, str | None]:
 def build_report(run_dirs: list[Path], out_dir: Path | None = None,
                  externals: list[str] = ()) -> tuple[pd.DataFrame, list[plots.Figure], Path]:
     """Writes report.md, the PNG plots and their CSVs; returns (table, figures, report path)."""
-    from harness.specbench import import_specbench
+    from harness.reports.specbench import import_specbench
 
     runs = [load_run(Path(d)) for d in run_dirs]
     out_dir = Path(out_dir) if out_dir is not None else runs[0].path

@@ -354,7 +354,7 @@ def write_summary(run_dir: Path) -> pd.DataFrame:
     df.to_csv(run_dir / "summary.csv", index=False)
     text = summary_markdown(df, title=f"Summary of {run_dir.name}")
     if (run_dir / "batch_runs.jsonl").is_file():
-        from harness.batch import batch_summary, format_batch_summary
+        from harness.engine.scheduler import batch_summary, format_batch_summary
         text += "\n## Batches\n\n" + format_batch_summary(batch_summary(run_dir)) + "\n"
     (run_dir / "summary.md").write_text(text, encoding="utf-8")
     return df

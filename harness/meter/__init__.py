@@ -1,0 +1,1 @@
+"""The information-surplus meter: per-step accumulation, its n-gram base, the surplus report and the probe."""

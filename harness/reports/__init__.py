@@ -1,0 +1,1 @@
+"""Reports: everything here reads run folders' records, never the engine."""

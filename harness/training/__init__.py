@@ -1,0 +1,1 @@
+"""Training EAGLE heads: the prompt corpus and `spec-harness train-head`."""
