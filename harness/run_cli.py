@@ -92,7 +92,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def cmd_run(args: argparse.Namespace) -> int:
     from harness import distributed
     from harness.runner import run
-    from harness.reports.summary import format_table, write_summary
+    from harness.reports.summary import failed_prompts, format_table, write_summary
 
     cfg = config_from_args(args)
     # -- multi-process runs (harness.distributed) --
@@ -105,9 +105,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         out = run(cfg)
     # -- end multi-process runs --
-    df = write_summary(out)
-    print(format_table(df))
+    failed = failed_prompts(out)
+    try:
+        df = write_summary(out)
+        print(format_table(df))
+    except UserError:
+        if not failed:
+            raise
     print(f"\nresults: {out}/ (summary.md, summary.csv, steps.jsonl, prompts.jsonl, env.json)")
+    if failed:
+        print(f"spec-harness: error: {len(failed)} prompt(s) failed (listed in summary.md); rerun with --resume "
+              "to retry them", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -151,14 +151,14 @@ class FastTarget(TargetProxy):
     def prefill(self, ids, hidden_layers=()) -> TargetOutput:
         return self.inner.prefill(ids, hidden_layers)  # one per prompt, of the prompt's length: eager
 
-    def commit(self, n: torch.Tensor) -> None:
-        self.inner.commit(n)
+    def commit(self, n: torch.Tensor, n_host: list[int] | None = None) -> None:
+        self.inner.commit(n, n_host)
 
-    def commit_path(self, slots, n) -> None:
-        self.inner.commit_path(slots, n)
+    def commit_path(self, slots, n, n_host: list[int] | None = None) -> None:
+        self.inner.commit_path(slots, n, n_host)
 
-    def rollback(self, lengths: torch.Tensor) -> None:
-        self.inner.rollback(lengths)
+    def rollback(self, lengths: torch.Tensor, lengths_host: list[int] | None = None) -> None:
+        self.inner.rollback(lengths, lengths_host)
 
 
 def enable_fast(target: Target, max_tokens: int = MAX_TOKENS, capture_after: int = CAPTURE_AFTER) -> Target:
