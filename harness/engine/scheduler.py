@@ -149,11 +149,11 @@ class Scheduler:
             if seq is None:
                 offset += drafted
                 continue
-            if out.error[b]:
+            kept = out.emitted[b]
+            if out.error[b] or not kept:  # (a correct verifier always emits a token)
                 failed.append(b)
                 offset += drafted
                 continue
-            kept = out.emitted[b]
             m = len(kept)
             cut = m <= out.accepted[b]
             seq.out.extend(kept)  # (the engine extended seq.history, which is ctx.history[b])
@@ -169,8 +169,8 @@ class Scheduler:
                 finished.append(b)
         for b in failed:
             seq = self.rows[b]
-            self._fail(seq, f"NaN or inf in the target's logits (turn {seq.turn + 1}, step "
-                            f"{len(seq.steps) - seq.turn_start + 1})")
+            what = "NaN or inf in the target's logits" if out.error[b] else "verification emitted no token"
+            self._fail(seq, f"{what} (turn {seq.turn + 1}, step {len(seq.steps) - seq.turn_start + 1})")
             self.rows[b] = self._admit(b, None)
         for b in finished:
             seq = self.rows[b]
