@@ -8,7 +8,7 @@ from conftest import tiny_model
 from harness.config import RunConfig
 from harness.engine.step import decode
 from harness.drafters.ar import AR
-from harness.drafters.eagle import EagleDrafter, TreeShape, build_eagle, tree_shape
+from harness.drafters.eagle import EagleDrafter, TreeShape, build_eagle, drop_undrawn, tree_shape
 from harness.errors import UserError
 from harness.drafters.heads import Frozen, config_for_target, init_head, load_head, save_head
 from harness.targets import build_target
@@ -165,29 +165,71 @@ def test_sampling_keeps_the_target_distribution(tree):
     assert chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue > 1e-3
 
 
-@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("temperature", [0.0, 0.8, 0.01])
 def test_tree_builder_invariants(temperature):
+    """At T = 0.01 the head's q has few tokens with q > 0 (float32 underflow): nodes then get fewer
+    children and the trees are smaller than total_tokens + 1, with padding at the end."""
     target = build_target(tiny_model(), None, "tiny", "native", max_len=256)
     head, frozen = random_head(target, "eagle", scale=20.0)  # peaked q: uneven trees
+    smaller = 0
     for shape in (TreeShape(4, 3, 10), TreeShape(3, 4, 20), TreeShape(5, 2, 9), TreeShape(1, 5, 3)):
         drafter = Recording(head, frozen, "eagle", shape, 256, target.device)
         drafter.log = []
         run(target, drafter, n=12, temperature=temperature)
         for _, prop in drafter.log:
             par, dep, tok = prop.parents[0].tolist(), prop.depth[0].tolist(), prop.tokens[0].tolist()
-            assert len(par) == shape.total_tokens + 1 == int(prop.num_nodes[0])
+            nn = int(prop.num_nodes[0])
+            assert len(par) == shape.total_tokens + 1 >= nn >= 2
+            smaller += nn < len(par)
             assert par[0] == -1 and dep[0] == 0
-            cum = [0.0] * len(par)
-            for n in range(1, len(par)):
+            assert par[nn:] == [-1] * (len(par) - nn) and bool((prop.q[0, nn:] == 0).all())  # padding
+            cum = [0.0] * nn
+            for n in range(1, nn):
                 assert 0 <= par[n] < n  # every kept node's parent is kept and comes first
                 assert dep[n] == dep[par[n]] + 1 <= shape.depth
+                assert prop.q[0, par[n], tok[n]] > 0  # never a child the drafter could not have drawn
                 cum[n] = cum[par[n]] + float(torch.log(prop.q[0, par[n], tok[n]]))
                 assert cum[n] <= cum[par[n]] + 1e-6
-            for n in range(len(par)):
-                kids = [tok[c] for c in range(1, len(par)) if par[c] == n]
+            for n in range(nn):
+                kids = [tok[c] for c in range(1, nn) if par[c] == n]
                 assert len(kids) == len(set(kids)) <= shape.top_k
                 if kids:
                     assert torch.isclose(prop.q[0, n].sum(), torch.tensor(1.0))
+    if temperature == 0.01:
+        assert smaller > 0  # the dropping path was exercised
+
+
+def test_draw_gives_children_only_tokens_with_positive_q():
+    """Three children, two tokens with q > 0: two children get those tokens, the third none."""
+    from types import SimpleNamespace
+
+    q = torch.zeros(9)
+    q[[2, 7]] = torch.tensor([0.6, 0.4])
+    seen = set()
+    for seed in range(20):
+        tokens, drawn = torch.zeros(5, dtype=torch.long), torch.ones(5, dtype=torch.bool)
+        EagleDrafter._draw(SimpleNamespace(generator=torch.Generator().manual_seed(seed)), q, [1, 3, 4], tokens,
+                           drawn)
+        assert drawn.tolist() == [True, True, True, True, False]
+        assert sorted(tokens[[1, 3]].tolist()) == [2, 7]
+        seen.add(tuple(tokens[[1, 3]].tolist()))
+    assert seen == {(2, 7), (7, 2)}  # both draw orders occur (the draw is random)
+
+
+def test_drop_undrawn_removes_subtrees_and_pads():
+    parents = torch.tensor([-1, 0, 0, 1, 2, 1, 3])
+    depth = torch.tensor([0, 1, 1, 2, 2, 2, 3])
+    tokens = torch.tensor([0, 11, 12, 13, 14, 15, 16])
+    q = torch.arange(7.0)[:, None].expand(7, 4).clone() + 1
+    drawn = torch.tensor([True, True, False, True, True, True, True])  # node 2 (and its child 4) go
+    prop = drop_undrawn(tokens, q, parents, depth, drawn, max_depth=3)
+    assert int(prop.num_nodes[0]) == 5
+    assert prop.tokens[0].tolist() == [0, 11, 13, 15, 16, 0, 0]
+    assert prop.parents[0].tolist() == [-1, 0, 1, 1, 2, -1, -1]
+    assert prop.depth[0].tolist() == [0, 1, 2, 2, 3, 0, 0]
+    assert prop.q[0, :, 0].tolist() == [1, 2, 4, 6, 7, 0, 0]
+    kept_all = drop_undrawn(tokens, q, parents, depth, torch.ones(7, dtype=torch.bool), max_depth=3)
+    assert torch.equal(kept_all.parents[0], parents) and torch.equal(kept_all.tokens[0], tokens)
 
 
 def test_tree_keeps_the_best_nodes():

@@ -246,7 +246,9 @@ class EagleDrafter(Drafter):
     def _sample_into(self, greedy: Proposal, out: torch.Tensor, S: int, temperature: float) -> Proposal:
         """Temperature > 0: the greedy tree's shape (a function of the context alone) with tokens drawn into
         it: the children of each node are drawn without replacement from q = softmax(head logits / T) at
-        that (drawn) node, in node order. The multi-draft verifier is then exact."""
+        that (drawn) node, in node order. The multi-draft verifier is then exact. A node gets no more
+        children than q has tokens with q > 0: the children left without a token are dropped with their
+        subtrees (num_nodes shrinks, the kept nodes keep their order, padding at the end)."""
         if out.shape[0] != 1:
             raise UserError("eagle trees at temperature > 0 decode one sequence at a time: use --batch-size 1")
         dev = self.device
@@ -254,9 +256,10 @@ class EagleDrafter(Drafter):
         T, D = len(parents), max(depth)
         kids = [[c for c in range(1, T) if parents[c] == n] for n in range(T)]
         tokens = torch.zeros(T, dtype=torch.long, device=dev)
+        drawn = torch.ones(T, dtype=torch.bool, device=dev)  # False: no token with q > 0 was left for it
         q = torch.zeros(T, self.frozen.embed.shape[0], device=dev)
         q[0] = torch.softmax(self._logits(out[0]).float() / temperature, -1)
-        self._draw(q[0], kids[0], tokens)
+        self._draw(q[0], kids[0], tokens, drawn)
         outputs, rows = {0: out[0]}, {}  # head output at a node; head row of a fed node
         R = self.room
         vis_rows = torch.zeros(R, R, dtype=torch.bool, device=dev)
@@ -276,16 +279,40 @@ class EagleDrafter(Drafter):
             for i, n in enumerate(fed):
                 outputs[n] = h[i]
                 q[n] = torch.softmax(self._logits(h[i]).float() / temperature, -1)
-                self._draw(q[n], kids[n], tokens)
-        return Proposal(tokens=tokens[None], q=q[None], parents=greedy.parents, depth=greedy.depth,
-                        num_nodes=greedy.num_nodes)
+                self._draw(q[n], kids[n], tokens, drawn)
+        return drop_undrawn(tokens, q, greedy.parents[0], greedy.depth[0], drawn, D)
 
-    def _draw(self, q: torch.Tensor, children: list[int], tokens: torch.Tensor) -> None:
-        """Draws len(children) tokens from q [V] without replacement (Gumbel top-k: in draw order)."""
+    def _draw(self, q: torch.Tensor, children: list[int], tokens: torch.Tensor, drawn: torch.Tensor) -> None:
+        """Draws len(children) tokens from q [V] without replacement (Gumbel top-k: in draw order). Only
+        tokens with q > 0 can be drawn: when fewer are left than children, drawn[c] = False for the last
+        children (their top-k key is -inf). No host read."""
         if children:
             u = torch.rand(q.shape, generator=self.generator, device=q.device).clamp_(min=1e-20)
-            keys = torch.log(q) - torch.log(-torch.log(u))
-            tokens[children] = keys.topk(len(children)).indices
+            keys = torch.log(q) - torch.log(-torch.log(u))  # -inf exactly where q = 0 (the noise is finite)
+            top = keys.topk(len(children))
+            tokens[children] = top.indices
+            drawn[children] = top.values > float("-inf")
+
+
+def drop_undrawn(tokens: torch.Tensor, q: torch.Tensor, parents: torch.Tensor, depth: torch.Tensor,
+                 drawn: torch.Tensor, max_depth: int) -> Proposal:
+    """One tree (tokens, parents, depth, drawn [T], q [T, V]) without its undrawn nodes and their
+    subtrees, as a Proposal of the same size T: kept nodes first in their order (parents still precede
+    children), num_nodes = the kept count, padding with parents -1, depth 0, token 0 and q 0. No host read."""
+    T = tokens.shape[0]
+    par = parents.clamp(min=0)
+    alive = drawn.clone()
+    alive[0] = True
+    for _ in range(max_depth - 1):  # after i rounds every node of depth <= i + 1 is final
+        alive = alive & alive[par]
+    order = torch.sort((~alive).long(), stable=True).indices  # [T] kept nodes first, in index order
+    new_of = torch.empty_like(order).scatter_(0, order, torch.arange(T, device=order.device))  # old -> new
+    keep = alive[order]  # [T]
+    par_o = parents[order]
+    new_par = torch.where(keep & (par_o >= 0), new_of[par_o.clamp(min=0)], -1)
+    return Proposal(tokens=torch.where(keep, tokens[order], 0)[None], q=(q[order] * keep[:, None])[None],
+                    parents=new_par[None], depth=torch.where(keep, depth[order], 0)[None],
+                    num_nodes=alive.sum()[None])
 
 
 def build_eagle(name: str, target, cfg) -> EagleDrafter:
