@@ -17,6 +17,12 @@ from spec_kernels.testing import fast_interpreter, random_tree
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_triton = pytest.mark.skipif(DEV == "cpu" and not INTERPRETED, reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+def exact(test):
+    """Triton against the float64 reference, token for token: runs on the CPU (interpreter) in every run
+    and on CUDA when selected with `pytest -m gpu` (marks gpu and exact; no CUDA skip)."""
+    return pytest.mark.gpu(pytest.mark.exact(needs_triton(test)))
 # The interpreter evaluates masked lanes too (log 0, inf - inf): numpy warns, results are unaffected.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -51,7 +57,7 @@ def assert_same(got, want, atol=2e-5, rtol=2e-4):
         torch.testing.assert_close(g, v, atol=atol, rtol=rtol, equal_nan=True, msg=lambda m: f"{k}: {m}")
 
 
-@needs_triton
+@exact
 @pytest.mark.parametrize("with_q", [False, True])
 @pytest.mark.parametrize("temps", ["greedy", "sample", "mixed"])
 def test_matches_reference_multi_chunk(with_q, temps):
@@ -61,7 +67,7 @@ def test_matches_reference_multi_chunk(with_q, temps):
     assert_same(run_triton(p, block_v=16, chunks=2), want)
 
 
-@needs_triton
+@exact
 @pytest.mark.parametrize("with_q", [False, True])
 def test_wide_trees_many_rejections(with_q):
     """A root with five children (duplicates included): the recursive residual is used several times."""
@@ -76,7 +82,7 @@ def test_wide_trees_many_rejections(with_q):
     assert_same(run_triton(p, block_v=16, chunks=2), want)
 
 
-@needs_triton
+@exact
 @pytest.mark.parametrize("with_q", [False, True])
 def test_injected_randomness_bitwise(with_q):
     B, T, V = 4, 6, 29
@@ -88,7 +94,7 @@ def test_injected_randomness_bitwise(with_q):
     assert_same(run_triton(p, uniforms=uniforms.to(DEV), noise=noise.to(DEV)), want)
 
 
-@needs_triton
+@exact
 @pytest.mark.parametrize("vocab", [2, 8193])
 def test_vocab_sizes(vocab):
     p = random_tree(3, 5, vocab, with_q=vocab < 100, temperature=[1.0, 0.0, 0.7],
@@ -97,7 +103,7 @@ def test_vocab_sizes(vocab):
     assert_same(res, run_reference(p), atol=1e-4, rtol=1e-3)
 
 
-@needs_triton
+@exact
 def test_greedy_walk_and_bonus():
     """Greedy: follow the first child that is the argmax; a leaf gives its argmax as the bonus token."""
     V = 10
@@ -113,7 +119,7 @@ def test_greedy_walk_and_bonus():
     assert_same(run_triton(p), want)
 
 
-@needs_triton
+@exact
 def test_errors_root_only_and_padding():
     p = random_tree(4, 5, 16, with_q=True, temperature=1.0, gen=torch.Generator().manual_seed(6))
     p.num_nodes[:] = torch.tensor([5, 1, 3, 5])
