@@ -16,28 +16,7 @@ import os
 
 import torch
 
-P_TARGET = (0.597, 0.133, 0.099, 0.081, 0.060, 0.030)
-Q_LOGITS = (30.0, 10.0, 9.0, 8.0, 7.0, 6.0)  # softmax: q[0] == 1.0 in float32, q[1:] ~ 1e-9 > 0
-
-
-def peaked_problem(draws: int, seed: int = 0, siblings: int = 2):
-    """verify_tree arguments for `draws` independent requests of the repro (tokens drawn on the CPU)."""
-    V, T = len(P_TARGET), siblings + 1
-    gen = torch.Generator().manual_seed(seed)
-    p = torch.tensor(P_TARGET, dtype=torch.float64)
-    q = torch.softmax(torch.tensor(Q_LOGITS), -1)  # float32
-    assert float(q[0]) == 1.0 and bool((q[1:] > 0).all())
-    logits = torch.zeros(draws, T, V)
-    logits[:, 0] = p.log().float()  # the root's row; the children's rows only matter for a bonus draw
-    tokens = torch.zeros(draws, T, dtype=torch.int64)
-    # siblings without replacement from q (in float64, so the tiny entries are drawn at their true rates)
-    tokens[:, 1:] = torch.multinomial(q.double().expand(draws, V), siblings, replacement=False, generator=gen)
-    parents = torch.full((draws, T), -1, dtype=torch.int64)
-    parents[:, 1:] = 0
-    draft_probs = torch.zeros(draws, T, V)
-    draft_probs[:, 0] = q
-    return (logits, tokens, parents, torch.full((draws,), T), draft_probs, torch.ones(draws),
-            torch.arange(draws) + 1000 * seed, torch.zeros(draws, dtype=torch.int64))
+from spec_kernels.testing import PEAKED_P, fast_interpreter, peaked_tree
 
 
 def first_tokens(draws: int, backend: str, seed: int = 0, batch: int = 2000) -> torch.Tensor:
@@ -47,11 +26,12 @@ def first_tokens(draws: int, backend: str, seed: int = 0, batch: int = 2000) -> 
     from spec_kernels import verify_tree
 
     dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
-    args = [a.to(dev) for a in peaked_problem(draws, seed)]
+    args = [a.to(dev) for a in peaked_tree(draws, seed).args()]
     out = []
-    for s in tqdm(range(0, draws, batch), desc=f"verify_tree ({backend})", unit="batch", dynamic_ncols=True):
-        part = [a[s:s + batch] for a in args]
-        out.append(verify_tree(*part, backend=backend).emitted[:, 0].cpu())
+    with fast_interpreter():  # no-op unless Triton runs in its interpreter
+        for s in tqdm(range(0, draws, batch), desc=f"verify_tree ({backend})", unit="batch", dynamic_ncols=True):
+            part = [a[s:s + batch] for a in args]
+            out.append(verify_tree(*part, backend=backend).emitted[:, 0].cpu())
     return torch.cat(out)
 
 
@@ -66,9 +46,9 @@ def main() -> None:
     from scipy import stats as sps
 
     tok = first_tokens(args.draws, args.backend, args.seed)
-    counts = torch.bincount(tok, minlength=len(P_TARGET)).double()
+    counts = torch.bincount(tok, minlength=len(PEAKED_P)).double()
     freq = counts / counts.sum()
-    p = torch.tensor(P_TARGET, dtype=torch.float64)
+    p = torch.tensor(PEAKED_P, dtype=torch.float64)
     pval = sps.chisquare(counts.numpy(), (p * counts.sum()).numpy()).pvalue
     print(f"backend {args.backend}, {args.draws} draws")
     print("p        ", " ".join(f"{v:.3f}" for v in p.tolist()))
