@@ -213,9 +213,12 @@ def _try_children(inp: TreeInputs, node, depth, alive, valid, p, amax, q):
 
     Returns the residual r [B, V] after the rejections, the children's tokens as a mask [B, V], the
     accepted child (-1: none) and the number of children tried, [B] each.
-    SpecInfer rule: child x is accepted with probability min(1, r(x) / q'(x)), q' = q with the tokens
-    of already-rejected siblings zeroed and renormalised (one-hot drafter: q' = onehot(x)); after a
-    rejection r <- normalise(max(0, r - q')), or p when that is all zero.
+    SpecInfer / EAGLE-2 rule (recursive rejection sampling without replacement): child x is accepted
+    with probability min(1, r(x) / q'(x)), where q' = q with the tokens of the already-rejected siblings
+    zeroed, divided by D = the sum of q over the tokens not yet drawn (summed directly: 1 - the drawn
+    mass cancels to 0 when q is peaked). q'(x) = 0 (x already drawn, q(x) = 0, or D = 0) rejects x.
+    One-hot drafter: q' = onehot(x). After a rejection r <- normalise(max(0, r - q')), or p when that
+    is all zero.
     """
     B, T, V = p.shape
     ar = torch.arange(B, device=p.device)
@@ -223,7 +226,6 @@ def _try_children(inp: TreeInputs, node, depth, alive, valid, p, amax, q):
     r = rows.clone()
     q_rows = q[ar, node] if q is not None else None
     zeroed = torch.zeros((B, V), dtype=torch.bool, device=p.device)  # rejected tokens (for q')
-    q_mass = torch.zeros(B, dtype=F64, device=p.device)  # q mass of the distinct rejected tokens
     kid_tok = torch.zeros((B, V), dtype=torch.bool, device=p.device)
     chosen = torch.full((B,), -1, dtype=torch.int64, device=p.device)
     n_kids = torch.zeros(B, dtype=torch.int64, device=p.device)
@@ -239,15 +241,16 @@ def _try_children(inp: TreeInputs, node, depth, alive, valid, p, amax, q):
         if q is None:
             q_prime = torch.nn.functional.one_hot(x, V).to(F64)  # [n, V]
         else:
-            mass = 1.0 - q_mass[idx]
-            q_prime = torch.where(zeroed[idx], 0.0, q_rows[idx]) / torch.where(mass > 0, mass, 1.0)[:, None]
-            q_prime = torch.where((mass > 0)[:, None], q_prime, 0.0)
+            undrawn = torch.where(zeroed[idx], 0.0, q_rows[idx])  # [n, V]
+            mass = undrawn.sum(-1, keepdim=True)  # D: q mass of the tokens not yet drawn
+            q_prime = torch.where(mass > 0, undrawn / torch.where(mass > 0, mass, 1.0), 0.0)
         if inp.uniforms is not None:
             u = inp.uniforms[idx, c].to(F64)
         else:
             u = rng.uniform(inp.seeds[idx], inp.positions[idx] + depth[idx], x, rng.STREAM_ACCEPT)
         n = torch.arange(idx.numel(), device=p.device)
-        accept = torch.where(greedy[idx], x == amax[idx, node[idx]], u * q_prime[n, x] < r[idx, x])
+        qx = q_prime[n, x]
+        accept = torch.where(greedy[idx], x == amax[idx, node[idx]], (qx > 0) & (u * qx < r[idx, x]))
         chosen[idx[accept]] = c
         rej = ~accept & ~greedy[idx]
         if bool(rej.any()):
@@ -256,6 +259,5 @@ def _try_children(inp: TreeInputs, node, depth, alive, valid, p, amax, q):
             total = w.sum(-1, keepdim=True)
             r[ri] = torch.where(total > 0, w / torch.where(total > 0, total, 1.0), rows[ri])
             if q is not None:
-                q_mass[ri] += torch.where(zeroed[ri, xr], 0.0, q_rows[ri, xr])
                 zeroed[ri, xr] = True
     return r, kid_tok, chosen, n_kids

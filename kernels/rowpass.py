@@ -11,7 +11,7 @@ combine_row        folds the C chunk partials of one row (used by the per-reques
 draw_kernel        second read, only where needed: the Gumbel-max draw of the recovered or bonus
                    token (one row per request) and, with a drafter distribution q, sum_v min(p, q).
 
-Partial layout, per (row, chunk): [m, z, s1, best, bad, sum q log q, sum e log q, unused] where
+Partial layout, per (row, chunk): [m, z, s1, best, bad, sum q log q, sum e log q, sum q] where
 x = logit / t_eff, m = max x (-inf for a chunk that is all masked), e = exp(x - m), z = sum e,
 s1 = sum e * (x - m).
 """
@@ -77,6 +77,7 @@ def row_stats_kernel(
     bad = tl.zeros([BLOCK_V], tl.int32)
     hq = tl.zeros([BLOCK_V], tl.float32)
     spq = tl.zeros([BLOCK_V], tl.float32)
+    qsum = tl.zeros([BLOCK_V], tl.float32)
     for t in range(0, n_tiles):
         offs = v0 + t * BLOCK_V + tl.arange(0, BLOCK_V)
         mask = offs < V
@@ -97,6 +98,7 @@ def row_stats_kernel(
         if HAS_Q:
             qv = tl.load(q_row_ptr + offs, mask=offs < v_q, other=0.0).to(tl.float32)
             hq += tl.where(qv > 0, qv * tl.log(qv), 0.0)
+            qsum += qv
             spq = tl.where(spq == float("-inf"), spq, spq * scale) + tl.where(e > 0, e * tl.log(qv), 0.0)
         m = m_new
 
@@ -108,6 +110,7 @@ def row_stats_kernel(
     tl.store(out + 4, tl.max(bad, 0).to(tl.float32), mask=active)
     tl.store(out + 5, tl.sum(hq, 0), mask=active)
     tl.store(out + 6, tl.sum(spq, 0), mask=active)
+    tl.store(out + 7, tl.sum(qsum, 0), mask=active)
     tl.store(pidx_ptr + row * C + c, best_idx, mask=active)
 
 
@@ -150,6 +153,13 @@ def combine_row(part_ptr, pidx_ptr, row, C, C_BLOCK: tl.constexpr, HAS_Q: tl.con
 
 
 @triton.jit
+def row_q_sum(part_ptr, row, C, C_BLOCK: tl.constexpr):
+    """sum_v q(v) of one row, folded from its chunk partials (slot 7; HAS_Q rows only)."""
+    cs = tl.arange(0, C_BLOCK)
+    return tl.sum(tl.load(part_ptr + (row * C + cs) * 8 + 7, mask=cs < C, other=0.0), 0)
+
+
+@triton.jit
 def hist_entry(hs, vec, h):
     """Scalar vec[h] from a small register vector indexed by hs."""
     return tl.sum(tl.where(hs == h, vec, 0), 0)
@@ -174,6 +184,7 @@ def draw_kernel(
     With q: grid (B, rows per request, C); every row with a q row gets its sum min(p, q) partial and
     the draw row also draws from the residual, rebuilt from the rejection history:
         r_0 = p;  q'_h = q with tokens t_0..t_{h-1} zeroed, / D_h;  r_{h+1} = max(0, r_h - q'_h) / S_{h+1}
+        (D_h = the sum of q over the tokens other than t_0..t_{h-1}, as the walk computed it)
         (r_{h+1} = p when S_{h+1} = 0). The draw uses max(0, r_{k-1} - q'_{k-1}), unnormalised.
     Each program keeps the best score of the residual and of p (the fall-back when the residual is 0).
     """

@@ -135,6 +135,31 @@ def random_tree(batch: int, nodes: int, vocab: int, *, with_q: bool = False, tem
                        torch.randint(0, 2**62, (B,), generator=gen), torch.randint(0, 10_000, (B,), generator=gen))
 
 
+# The peaked-q repro: q's top entry is exactly 1.0 in float32 while the others stay > 0, so a sibling
+# normaliser computed as 1 - (drawn mass) is 0. The emitted token must still follow PEAKED_P.
+PEAKED_P = (0.597, 0.133, 0.099, 0.081, 0.060, 0.030)
+PEAKED_Q_LOGITS = (30.0, 10.0, 9.0, 8.0, 7.0, 6.0)  # softmax: q[0] == 1.0 in float32, q[1:] ~ 1e-9
+
+
+def peaked_tree(draws: int, seed: int = 0, siblings: int = 2) -> TreeProblem:
+    """`draws` requests of a root with `siblings` children drawn from the peaked q without replacement
+    (in float64, so the tiny entries are drawn at their true rates); root row p = PEAKED_P, T = 1."""
+    V, T = len(PEAKED_P), siblings + 1
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.softmax(torch.tensor(PEAKED_Q_LOGITS), -1)  # float32
+    assert float(q[0]) == 1.0 and bool((q[1:] > 0).all())
+    logits = torch.zeros(draws, T, V)
+    logits[:, 0] = torch.tensor(PEAKED_P, dtype=torch.float64).log().float()
+    tokens = torch.zeros(draws, T, dtype=torch.int64)
+    tokens[:, 1:] = torch.multinomial(q.double().expand(draws, V), siblings, replacement=False, generator=gen)
+    parents = torch.full((draws, T), -1, dtype=torch.int64)
+    parents[:, 1:] = 0
+    draft_probs = torch.zeros(draws, T, V)
+    draft_probs[:, 0] = q
+    return TreeProblem(logits, tokens, parents, torch.full((draws,), T), draft_probs, torch.ones(draws),
+                       torch.arange(draws) + 1_000_003 * seed, torch.zeros(draws, dtype=torch.int64))
+
+
 def compile_kernels(arch: int = 90, everything: bool = False) -> list[str]:
     """Compile the Triton kernels ahead of time for an NVIDIA target (default sm_90, H100) with no GPU
     present, so a CPU-only CI catches code that the interpreter accepts but the compiler rejects.

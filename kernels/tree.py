@@ -4,8 +4,10 @@
   2. tree_walk_kernel  (B,)       per request: fold its rows, walk from the root trying children in
                                   index order. One-hot drafter: the residual after rejecting tokens
                                   t_1..t_k is p without them, renormalised, so each test is scalar.
-                                  With q: each rejection needs the new residual's mass S, one pass
-                                  over that row's vocabulary inside this program.
+                                  With q: each rejection needs the new residual's mass S and the
+                                  next sibling's normaliser D (the q mass of the tokens not yet
+                                  drawn, summed directly), one pass over that row's vocabulary
+                                  inside this program.
   3. draw_kernel       (B, 1|T, C) Gumbel-max over the final row's residual (or p for a leaf)
   4. tree_finish_kernel (B,)      sampled token, its statistics, per-node statistics
 
@@ -21,7 +23,8 @@ import triton.language as tl
 from .checks import TreeInputs
 from .launch import check_interpreter, make_plan, rowmajor
 from .results import TreeResult
-from .rowpass import combine_row, draw_kernel, finish_draw, hist_entry, inverse_temperature, row_stats_kernel
+from .rowpass import (combine_row, draw_kernel, finish_draw, hist_entry, inverse_temperature, row_q_sum,
+                      row_stats_kernel)
 from .triton_rng import row_key, token_uniform
 
 
@@ -84,7 +87,9 @@ def tree_walk_kernel(
             h_len = tl.zeros([], tl.int32)
             h_start = tl.zeros([], tl.int32)
             mass = tl.full([], 1.0, tl.float32)  # one-hot: p mass not yet rejected (since the last reset)
-            q_mass = tl.zeros([], tl.float32)  # with q: q mass of the distinct rejected tokens
+            d_cur = tl.zeros([], tl.float32)  # with q: D, the q mass of the tokens not yet drawn
+            if HAS_Q:
+                d_cur = row_q_sum(part_ptr, r, C, C_BLOCK)
             chosen = tl.full([], -1, tl.int64)
             n_kids = tl.zeros([], tl.int32)
             for c in range(node + 1, nn):
@@ -100,7 +105,6 @@ def tree_walk_kernel(
                     seen = tl.sum(((hs < h_len) & (h_tok == x)).to(tl.int32), 0) > 0
                     if HAS_Q:
                         qx = tl.load(q_row_ptr + x).to(tl.float32)
-                        d_cur = 1.0 - q_mass
                         q_cur = tl.where(seen | (d_cur <= 0), 0.0, qx / tl.where(d_cur > 0, d_cur, 1.0))
                         rx = px  # r(x) after the earlier rejections at this node
                         for h in range(0, h_len):
@@ -110,7 +114,7 @@ def tree_walk_kernel(
                             q_h = tl.where(seen_h | (d_h <= 0), 0.0, qx / tl.where(d_h > 0, d_h, 1.0))
                             w = tl.maximum(rx - q_h, 0.0)
                             rx = tl.where(s_h > 0, w / tl.where(s_h > 0, s_h, 1.0), px)
-                        accept = u * q_cur < rx
+                        accept = (q_cur > 0) & (u * q_cur < rx)  # q'(x) = 0 rejects x
                     else:
                         excluded = tl.sum(((hs >= h_start) & (hs < h_len) & (h_tok == x)).to(tl.int32), 0) > 0
                         accept = (u * mass < px) & (excluded == 0)
@@ -120,9 +124,11 @@ def tree_walk_kernel(
                     else:
                         if greedy == 0:
                             if HAS_Q:
-                                # S = sum_v max(0, r(v) - q'(v)): the new residual's mass.
+                                # S = sum_v max(0, r(v) - q'(v)): the new residual's mass, and the next
+                                # sibling's D = sum of q over the tokens not drawn so far (x included).
                                 inv_d_cur = tl.where(d_cur > 0, 1.0 / tl.where(d_cur > 0, d_cur, 1.0), 0.0)
                                 s_vec = tl.zeros([BLOCK_V], tl.float32)
+                                d_vec = tl.zeros([BLOCK_V], tl.float32)
                                 for t in range(0, tl.cdiv(V, BLOCK_V)):
                                     offs = t * BLOCK_V + tl.arange(0, BLOCK_V)
                                     mask = offs < V
@@ -139,10 +145,11 @@ def tree_walk_kernel(
                                         rv = tl.where(s_h > 0, w / tl.where(s_h > 0, s_h, 1.0), pv)
                                         zeroed = zeroed | (offs == hist_entry(hs, h_tok, h))
                                     s_vec += tl.maximum(rv - tl.where(zeroed, 0.0, qv * inv_d_cur), 0.0)
+                                    d_vec += tl.where(zeroed | (offs == x), 0.0, qv)
                                 s_new = tl.sum(s_vec, 0)
                                 h_d = tl.where(hs == h_len, d_cur, h_d)
                                 h_s = tl.where(hs == h_len, s_new, h_s)
-                                q_mass += tl.where(seen, 0.0, qx)
+                                d_cur = tl.sum(d_vec, 0)
                             else:
                                 mass -= tl.where(excluded, 0.0, px)
                                 reset = mass <= 0

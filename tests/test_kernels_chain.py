@@ -26,6 +26,12 @@ from spec_kernels.triton_rng import row_key, token_uniform
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_triton = pytest.mark.skipif(DEV == "cpu" and not INTERPRETED, reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+def exact(test):
+    """Triton against the float64 reference, token for token: runs on the CPU (interpreter) in every run
+    and on CUDA when selected with `pytest -m gpu` (marks gpu and exact; no CUDA skip)."""
+    return pytest.mark.gpu(pytest.mark.exact(needs_triton(test)))
 # The interpreter evaluates masked lanes too (log 0, inf - inf): numpy warns, results are unaffected.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -70,7 +76,7 @@ def uniforms_kernel(seed_ptr, pos_ptr, out_ptr, V, BLOCK: tl.constexpr):
     tl.store(out_ptr + b * V + offs, token_uniform(key, offs), mask=offs < V)
 
 
-@needs_triton
+@exact
 def test_rng_bits_match_reference():
     seeds = torch.tensor([0, 1, -1, 2**40 + 7, -(2**62), 123456789012345, 2**63 - 1])
     pos = torch.tensor([0, 5, 2**33 + 1, -3, 17, 99, 2**62])
@@ -82,7 +88,7 @@ def test_rng_bits_match_reference():
     assert 0 < float(want.min()) and float(want.max()) < 1
 
 
-@needs_triton
+@exact
 @pytest.mark.parametrize("with_q", [False, True])
 @pytest.mark.parametrize("temps", ["greedy", "sample", "mixed"])
 def test_matches_reference_multi_chunk(with_q, temps):
@@ -96,7 +102,7 @@ def test_matches_reference_multi_chunk(with_q, temps):
         assert want.num_accepted.min() == 0 and (want.num_accepted == torch.tensor(counts)).any()
 
 
-@needs_triton
+@exact
 @pytest.mark.parametrize("with_q", [False, True])
 def test_injected_randomness_bitwise(with_q):
     p = random_chain([2, 3, 0, 1], 29, with_q=with_q, temperature=[1.0, 0.8, 1.0, 1.5],
@@ -112,7 +118,7 @@ def test_injected_randomness_bitwise(with_q):
     assert not torch.equal(internal.emitted, want.emitted)  # the injection is really used
 
 
-@needs_triton
+@exact
 @pytest.mark.parametrize("vocab", [2, 100, 8193, 49152])
 def test_vocab_sizes(vocab):
     counts = [2, 1, 0] if vocab > 10_000 else [2, 1, 0, 3]
@@ -138,14 +144,14 @@ def test_vocab_262144_reference_runs():
     assert res.emitted.shape == (2, 3) and bool((res.emitted[:, 0] >= 0).all())
 
 
-@needs_triton
+@exact
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_logits(dtype):
     p = random_chain([2, 3, 1], 300, temperature=[1.0, 0.0, 0.9], dtype=dtype, gen=torch.Generator().manual_seed(7))
     assert_same(run_triton(p), run_reference(p))
 
 
-@needs_triton
+@exact
 def test_zero_q_and_zero_p_drafts():
     """q(x) = 0: accept iff p(x) > 0. A token with p = 0 (logit -inf) is never accepted nor emitted."""
     V = 12
@@ -162,7 +168,7 @@ def test_zero_q_and_zero_p_drafts():
     assert_same(run_triton(p), want)
 
 
-@needs_triton
+@exact
 def test_all_accepted_none_accepted_and_empty():
     V = 50
     p = random_chain([3, 3, 0], V, temperature=0.0, gen=torch.Generator().manual_seed(2))
@@ -182,7 +188,7 @@ def test_all_accepted_none_accepted_and_empty():
     assert_same(res0, run_reference(p0))
 
 
-@needs_triton
+@exact
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_logits_set_error(bad):
     p = random_chain([2, 1, 2], 20, with_q=True, temperature=[1.0, 1.0, 0.0], gen=torch.Generator().manual_seed(5))
@@ -193,7 +199,7 @@ def test_non_finite_logits_set_error(bad):
     assert_same(run_triton(p), want)
 
 
-@needs_triton
+@exact
 def test_masked_tokens_are_allowed():
     """-inf logits mean probability 0 (no error); a row that is all -inf is an error."""
     p = random_chain([1, 1], 16, temperature=1.0, gen=torch.Generator().manual_seed(8))
@@ -270,3 +276,65 @@ def test_kernels_compile_for_h100(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "12"
+
+
+def chain_threshold_problem(with_q: bool, eps: float):
+    """Requests whose drafts sit on either side of their accept threshold theta = p(x) / q(x).
+
+    Requests 0..5 hold one draft, 6..7 two (the first just accepted). Draft i gets u = theta (1 - eps)
+    (accept) or theta (1 + eps) (reject), alternating. Returns the problem, the uniforms, Gumbel noise
+    with +30 at every draft's own token in its row (a residual that kept the rejected draft would emit
+    it), and the hand-computed emitted tokens [B, Kmax + 1] and num_accepted [B].
+    """
+    counts, V, temp = [1, 1, 1, 1, 1, 1, 2, 2], 23, 0.9
+    gen = torch.Generator().manual_seed(31)
+    prob = random_chain(counts, V, with_q=with_q, temperature=temp, gen=gen, accept_bias=0.0)
+    B, N = len(counts), sum(counts)
+    req = torch.repeat_interleave(torch.arange(B), torch.tensor(counts))
+    row = torch.arange(N) + req  # [N] the row that judges draft i
+    p = torch.softmax(prob.logits.double() / temp, -1)  # [N + B, V]
+    q = prob.draft_probs.double() if with_q else None
+    # each draft: the token whose threshold is closest to 0.4, so both sides of it lie in (0, 1)
+    theta_all = p[row] / q if with_q else p[row]  # [N, V]
+    prob.draft_ids = (theta_all - 0.4).abs().argmin(-1)
+    x = prob.draft_ids
+    theta = theta_all[torch.arange(N), x]
+    assert bool(((theta > 0.05) & (theta < 0.9)).all())
+    below = torch.tensor([True, False, True, False, True, False, True, True, True, False])  # per draft
+    u = torch.where(below, theta * (1 - eps), theta * (1 + eps)).float()
+    noise = -torch.log(-torch.log(torch.rand((N + B, V), generator=gen, dtype=torch.float64)))
+    noise[row, x] += 30.0
+    emitted = torch.full((B, 3), -1, dtype=torch.int64)
+    n_acc = torch.zeros(B, dtype=torch.int64)
+    for b in range(B):
+        first = int(prob.cu[b])
+        for j in range(counts[b]):
+            i = first + j
+            if bool(below[i]):
+                emitted[b, j] = x[i]
+                n_acc[b] += 1
+                continue
+            w = (p[row[i]] - q[i]).clamp(min=0) if with_q else p[row[i]].clone()
+            w[x[i]] = 0.0  # one-hot: max(0, p - onehot(x)) is 0 at x; with q, q(x) > p(x) already
+            emitted[b, j] = int((w.log() + noise[row[i]]).argmax())
+            break
+        else:
+            bonus = first + b + counts[b]
+            emitted[b, counts[b]] = int((p[bonus].log() + noise[bonus]).argmax())
+    return prob, u, noise.float(), emitted[:, :max(counts) + 1], n_acc
+
+
+@exact
+@pytest.mark.parametrize("with_q", [False, True])
+def test_accept_threshold_and_residual_exact(with_q):
+    """u just below p(x) / q(x) accepts and just above rejects (eps = 1e-3 relative, far above float32
+    error); the recovered token is the Gumbel-max of normalise(max(0, p - q)) (one-hot: p without the
+    draft), checked against a hand computation on both backends."""
+    prob, u, noise, want_emitted, want_acc = chain_threshold_problem(with_q, eps=1e-3)
+    want = run_reference(prob, u, noise)
+    assert want.num_accepted.tolist() == want_acc.tolist()
+    assert want.emitted.tolist() == want_emitted.tolist()
+    got = run_triton(prob, block_v=16, chunks=2, uniforms=u.to(DEV), noise=noise.to(DEV))
+    assert got.num_accepted.cpu().tolist() == want_acc.tolist()
+    assert got.emitted.cpu().tolist() == want_emitted.tolist()
+    assert_same(got, want)

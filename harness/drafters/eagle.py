@@ -366,9 +366,10 @@ class EagleDrafter(Drafter):
         new_par = torch.where(p_old >= 0, new_of.gather(1, p_old.clamp(min=0)), -1)
         n_live = alive.sum(1)
         keep = node[None, :] < n_live[:, None]
-        return Proposal(tokens=tokens.gather(1, order), q=q.gather(1, order[..., None].expand(-1, -1, V)),
+        return Proposal(tokens=torch.where(keep, tokens.gather(1, order), 0),
+                        q=q.gather(1, order[..., None].expand(-1, -1, V)) * keep[..., None],
                         parents=torch.where(keep, new_par, -1), depth=torch.where(keep, depth.gather(1, order), 0),
-                        num_nodes=n_live, bounds=greedy.bounds)
+                        num_nodes=n_live, bounds=greedy.bounds)  # padding: token 0, q 0, parent -1, depth 0
 
 
 def build_eagle(name: str, target, cfg) -> EagleDrafter:
