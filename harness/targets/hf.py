@@ -2,9 +2,15 @@
 
 Batch size 1 only (ragged batches need the native backend). Rolling back crops the cache; a tree step
 gathers the accepted path's keys and values into consecutive positions.
+
+The cache goes in under the name this transformers version's forward takes: `cache` in current
+versions (5.24 deprecates `past_key_values` and removes it in 5.40), `past_key_values` in the oldest one
+we support (5.17). tests/test_transformers_versions.py runs the hf-backend tests under 5.17.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from transformers import DynamicCache
@@ -28,6 +34,7 @@ class HFTarget(Target):
         self.device, self.dtype = p.device, p.dtype
         self.max_len = max_len
         self._layers = self._find_layers()
+        self._cache_arg = cache_argument(hf_model)
         self.reset(1)
 
     def _find_layers(self):
@@ -63,7 +70,7 @@ class HFTarget(Target):
             hooks.append(self._layers[idx].register_forward_hook(hook))
         try:
             out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask,
-                             past_key_values=self.cache, use_cache=True)
+                             use_cache=True, **{self._cache_arg: self.cache})
         finally:
             for h in hooks:
                 h.remove()
@@ -87,3 +94,10 @@ class HFTarget(Target):
                 layer.keys = layer.keys.index_select(-2, at)
                 layer.values = layer.values.index_select(-2, at)
         self._cached = idx.numel()
+
+
+def cache_argument(hf_model) -> str:
+    """The keyword under which the model's forward takes its KV cache: "cache" where the forward has it
+    (5.24 has it), else "past_key_values" (all that 5.17 takes)."""
+    params = inspect.signature(hf_model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
