@@ -24,8 +24,12 @@ prompts.jsonl fields:
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+from harness.errors import UserError
 
 STEP_FIELDS = (
     "drafter", "prompt_id", "category", "suite", "turn", "step", "rank", "batch_size",
@@ -74,3 +78,31 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
                 yield json.loads(line)
             except json.JSONDecodeError:
                 continue
+
+
+def check_out_dir(path: Path, flag: str = "--out") -> None:
+    """Raises a one-line UserError when folder `path` could not be created or written: a file where it
+    or one of its parents should be, or no write permission in its nearest existing folder. Called
+    before a model loads; leaves nothing behind (the write test creates and removes an empty folder)."""
+    path = Path(path).expanduser()
+    existing = path
+    try:
+        while not os.path.lexists(existing) and existing != existing.parent:
+            existing = existing.parent
+        if existing == path and not path.is_dir():
+            raise UserError(f"{flag} {path} is a file, not a folder: remove it or choose another {flag}")
+        if not existing.is_dir():
+            raise UserError(f"{flag} {path} cannot be created: {existing} is a file, not a folder; "
+                            f"choose another {flag}")
+        os.rmdir(tempfile.mkdtemp(prefix=".spec-harness-write-test-", dir=existing))
+    except OSError as err:
+        where = "is not writable" if existing == path else f"cannot be created in {existing}"
+        raise UserError(f"{flag} {path} {where} ({err.strerror or err}): choose a folder you can write to") from None
+
+
+def check_out_file(path: Path, flag: str = "--out") -> None:
+    """check_out_dir for the folder of output file `path`, and `path` itself is no folder."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder: give the path of a file")
+    check_out_dir(path.parent, flag)

@@ -18,7 +18,7 @@ from harness.engine.step import decode, flush_meter
 from harness.drafters import build_drafter, is_peer, validate_drafters
 from harness.errors import UserError
 from harness.engine.fast import enable_fast, enable_fast_drafter, precapture, resolve_fast
-from harness.records import JsonlWriter, read_jsonl
+from harness.records import JsonlWriter, check_out_dir, read_jsonl
 from harness.suites import Prompt, load_suite
 from harness.targets import load_target
 from harness.timing import PhaseClock
@@ -42,6 +42,7 @@ def run_dir_for(cfg: RunConfig) -> Path:
     """The run folder; refuses an existing one unless --resume or --overwrite. Creates nothing."""
     run_id = cfg.run_id or f"{Path(cfg.target).stem}-{Path(cfg.suite).stem}-{datetime.now():%Y%m%d-%H%M%S}"
     path = Path(cfg.out) / run_id
+    check_out_dir(path)  # a file in the way, or no write permission: one line before anything loads
     if path.exists() and any(path.iterdir()) and not (cfg.overwrite or cfg.resume):
         raise UserError(f"output folder {path} exists: pass --resume to continue it or --overwrite to replace it")
     return path
