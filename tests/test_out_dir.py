@@ -37,7 +37,7 @@ def test_a_creatable_folder_passes_and_nothing_is_left(tmp_path):
 
 
 def test_a_file_in_the_way(a_file):
-    with pytest.raises(UserError, match=r"--out .*taken.txt is a file, not a folder"):
+    with pytest.raises(UserError, match=r"--out .*taken.txt is a file, not a folder: remove it or choose another --out"):
         check_out_dir(a_file)
     with pytest.raises(UserError, match=r"cannot be created: .*taken.txt is a file"):
         check_out_dir(a_file / "run")
