@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
+from harness.errors import UserError
 from harness.targets import build_target
 
 
@@ -66,6 +67,18 @@ def test_hf_backend_gemma3_within_its_window():
     target.commit(torch.tensor([1]))
     out = target.forward(torch.tensor([seq[11:24]]))
     torch.testing.assert_close(out.logits[0], ref[11:24], atol=2e-5, rtol=0)
+
+
+def test_hf_backend_refuses_a_sequence_beyond_the_sliding_window():
+    """Our causal mask overrides the sliding one: at window 16, token 17's logits are wrong, so refuse."""
+    model = tiny_model("gemma3_text", head_dim=16, sliding_window=16,
+                       layer_types=["sliding_attention", "full_attention"] * 2)
+    target = build_target(model, None, "tiny", "hf", max_len=128)
+    seq = torch.randint(0, 259, (17,), generator=torch.Generator().manual_seed(3)).tolist()
+    ref = full_logits(model, seq)
+    torch.testing.assert_close(target.prefill(torch.tensor([seq[:16]])).logits[0], ref[:16], atol=2e-5, rtol=0)
+    with pytest.raises(UserError, match=r"sequence of 17 tokens exceeds this model's sliding window \(16\)"):
+        target.forward(torch.tensor([seq[16:]]))
 
 
 def test_hf_backend_calls_no_deprecated_transformers_api():
