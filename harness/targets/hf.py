@@ -6,6 +6,10 @@ gathers the accepted path's keys and values into consecutive positions.
 The cache goes in under the name this transformers version's forward takes: `cache` in current
 versions (5.24 deprecates `past_key_values` and removes it in 5.40), `past_key_values` in the oldest one
 we support (5.17). tests/test_transformers_versions.py runs the hf-backend tests under 5.17.
+
+Our 4D mask is causal over every cached token, which overrides a sliding-window layer's own mask: a
+model with sliding-window layers (gemma3: 512 tokens) is exact only while the sequence fits in the
+window, so a longer one is refused rather than decoded wrongly.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class HFTarget(Target):
         self.max_len = max_len
         self._layers = self._find_layers()
         self._cache_arg = cache_argument(hf_model)
+        self.window = sliding_window(cfg)
         self.reset(1)
 
     def _find_layers(self):
@@ -58,6 +63,9 @@ class HFTarget(Target):
         L = int(self.lengths[0])
         if L + T > self.max_len:
             raise UserError(f"sequence of {L + T} tokens exceeds the cache ({self.max_len}): raise --max-len")
+        if self.window is not None and L + T > self.window:
+            raise UserError(f"sequence of {L + T} tokens exceeds this model's sliding window ({self.window}), which "
+                            "the hf backend does not apply: shorten the prompts or lower --max-new-tokens")
         if self._cached > L:
             self._keep(torch.arange(L, device=self.device))  # drop rejected drafts left from the last step
         positions = self.default_positions(T) if positions is None else positions
@@ -101,3 +109,13 @@ def cache_argument(hf_model) -> str:
     (5.24 has it), else "past_key_values" (all that 5.17 takes)."""
     params = inspect.signature(hf_model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def sliding_window(cfg) -> int | None:
+    """The sliding window of a model with sliding-window layers (layer_types, or sliding_window alone in
+    configs without layer types, e.g. Mistral), else None."""
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if not window or (types is not None and "sliding_attention" not in types):
+        return None
+    return int(window)
