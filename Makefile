@@ -6,7 +6,13 @@ STAMP := $(VENV)/.installed
 RUN_ID ?= smollm2-mini-$(shell $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
 BENCH_FLAGS ?=
 
-.PHONY: bench test test-fast bench-kernels bench-gpu clean-venv
+# The oldest transformers we support (pyproject's lower bound), installed beside the venv without touching
+# it; tests/test_transformers_versions.py runs the hf-backend tests under it. 5.17 needs huggingface-hub < 2,
+# which reaches the network through httpx (newer hubs do not).
+TF_OLDEST := $(shell sed -n 's/.*"transformers>=\([0-9.]*\)[,"].*/\1/p' pyproject.toml)
+TF_OLDEST_DIR := $(VENV)/transformers-$(TF_OLDEST)
+
+.PHONY: bench test test-fast bench-kernels bench-gpu clean-venv transformers-oldest
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,8 +28,16 @@ $(STAMP): pyproject.toml
 bench: $(STAMP)
 	$(PY) -m harness run --preset bench-cpu --run-id $(RUN_ID) --overwrite $(BENCH_FLAGS)
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+$(TF_OLDEST_DIR)/.installed: pyproject.toml | $(STAMP)
+	rm -rf $(TF_OLDEST_DIR)
+	$(PY) -m pip install -q --no-deps --target $(TF_OLDEST_DIR) transformers==$(TF_OLDEST) \
+		"huggingface-hub>=1.5,<2" "httpx>=0.23,<1" "httpcore==1.*"
+	touch $@
+
+transformers-oldest: $(TF_OLDEST_DIR)/.installed
+
+test: $(STAMP) $(TF_OLDEST_DIR)/.installed
+	SPEC_HARNESS_TRANSFORMERS_OLDEST=$(TF_OLDEST_DIR) $(PY) -m pytest -q
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from harness.errors import UserError
+from harness.records import check_out_file
 
 FORMAT = 1
 K_MAX = 8
@@ -443,6 +444,7 @@ def cmd_calibrate(args) -> int:
         raise UserError("ar is the baseline every speedup is over: calibrate a drafter (e.g. --drafter ngram)")
     if not 1 <= args.k_max <= 64:
         raise UserError(f"--k-max must be between 1 and 64, got {args.k_max}")
+    check_out_file(args.out)
     cfg = RunConfig(target=args.target, backend=args.backend, device=args.device, dtype=args.dtype,
                     max_len=args.max_len, k=args.k_max, layerskip_layers=args.layerskip_layers,
                     draft_model=args.draft_model, head=args.head, temperature=args.temperature, seed=args.seed)

@@ -51,7 +51,7 @@ import torch
 
 from harness.config import RunConfig
 from harness.errors import UserError
-from harness.records import read_jsonl
+from harness.records import check_out_dir, read_jsonl
 from harness.runner import make_run_dir, run, run_dir_for, validate
 from harness.suites import load_suite
 
@@ -111,6 +111,7 @@ def launch(cfg: RunConfig, processes: int, argv: list[str]) -> int:
     if cfg.device_map:
         raise UserError("--device-map auto spreads one process over every GPU of the machine: drop --processes")
     folder = Path(cfg.out) / (cfg.run_id or "")
+    check_out_dir(folder)  # before any process starts
     if cfg.run_id and folder.is_dir() and any(folder.iterdir()) and not (cfg.resume or cfg.overwrite):
         raise UserError(f"output folder {folder} exists: pass --resume to continue it or --overwrite to replace it")
     # --multi_gpu selects accelerate's torchrun launcher, which starts N processes. On the CPU each

@@ -33,6 +33,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from harness.config import RunConfig
+from harness.records import check_out_dir
 from harness.errors import UserError
 from harness.targets.base import Target, TargetProxy
 from harness.timing import PHASES, PhaseClock
@@ -179,6 +180,7 @@ def profile_run(cfg: RunConfig, drafter_name: str, steps: int, out: Path) -> lis
 
     if steps < 1:
         raise UserError(f"--steps must be >= 1, got {steps}")
+    check_out_dir(out)
     prompts = load_suite(cfg.suite, limit=cfg.limit)
     if not prompts:
         raise UserError(f"suite '{cfg.suite}' selected no prompts")

@@ -29,10 +29,12 @@ divergence.jsonl (harness.engine.divergence): per diverged (drafter, prompt) at 
 from __future__ import annotations
 
 import json
-
-from harness.errors import UserError
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+from harness.errors import UserError
 
 BATCH_RUNS = "batch_runs.jsonl"  # one line per drafter and attempt of a batched run (harness.runner)
 BATCH_FIELDS = (
@@ -120,3 +122,31 @@ def run_info(run_dir: Path) -> dict[str, str]:
         "commit": _text(env.get("git_commit", env.get("commit"))),
         "command": _text(config.get("command", env.get("command"))),
     }
+
+
+def check_out_dir(path: Path, flag: str = "--out") -> None:
+    """Raises a one-line UserError when folder `path` could not be created or written: a file where it
+    or one of its parents should be, or no write permission in its nearest existing folder. Called
+    before a model loads; leaves nothing behind (the write test creates and removes an empty folder)."""
+    path = Path(path).expanduser()
+    existing = path
+    try:
+        while not os.path.lexists(existing) and existing != existing.parent:
+            existing = existing.parent
+        if existing == path and not path.is_dir():
+            raise UserError(f"{flag} {path} is a file, not a folder: remove it or choose another {flag}")
+        if not existing.is_dir():
+            raise UserError(f"{flag} {path} cannot be created: {existing} is a file, not a folder; "
+                            f"choose another {flag}")
+        os.rmdir(tempfile.mkdtemp(prefix=".spec-harness-write-test-", dir=existing))
+    except OSError as err:
+        where = "is not writable" if existing == path else f"cannot be created in {existing}"
+        raise UserError(f"{flag} {path} {where} ({err.strerror or err}): choose a folder you can write to") from None
+
+
+def check_out_file(path: Path, flag: str = "--out") -> None:
+    """check_out_dir for the folder of output file `path`, and `path` itself is no folder."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder: give the path of a file")
+    check_out_dir(path.parent, flag)

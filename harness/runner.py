@@ -21,7 +21,7 @@ from harness.engine.divergence import divergences
 from harness.engine.fast import enable_fast, enable_fast_drafter, precapture, resolve_fast
 from harness.engine.scheduler import Scheduler
 from harness.errors import UserError
-from harness.records import BATCH_RUNS, JsonlWriter, read_jsonl
+from harness.records import BATCH_RUNS, JsonlWriter, check_out_dir, read_jsonl
 from harness.suites import Prompt, load_suite
 from harness.targets import load_target
 from harness.targets.chat import eos_ids, prompt_ids
@@ -45,6 +45,7 @@ def run_dir_for(cfg: RunConfig) -> Path:
     """The run folder; refuses an existing one unless --resume or --overwrite. Creates nothing."""
     run_id = cfg.run_id or f"{Path(cfg.target).stem}-{Path(cfg.suite).stem}-{datetime.now():%Y%m%d-%H%M%S}"
     path = Path(cfg.out) / run_id
+    check_out_dir(path)  # a file in the way, or no write permission: one line before anything loads
     if path.exists() and any(path.iterdir()) and not (cfg.overwrite or cfg.resume):
         raise UserError(f"output folder {path} exists: pass --resume to continue it or --overwrite to replace it")
     return path

@@ -113,10 +113,11 @@ def test_question_file_round_trip(tmp_path):
     path = write_lines(tmp_path / "question.jsonl", [json.dumps(r) for r in rows[:2]] + ["", json.dumps(rows[2])])
     prompts = load_suite(path)
     assert prompts == [
-        Prompt("81", "writing", "question", ("Write a poem.", "Make it rhyme.")),
-        Prompt("q-2", "default", "question", ("Say hi.",)),
-        Prompt("3", "math", "question", ("1+1?", "2+2?", "3+3?")),
+        Prompt("81", "writing", "question", ("Write a poem.", "Make it rhyme."), question_id=81),
+        Prompt("q-2", "default", "question", ("Say hi.",), question_id="q-2"),
+        Prompt("3", "math", "question", ("1+1?", "2+2?", "3+3?"), question_id="3"),
     ]
+    assert [type(p.question_id) for p in prompts] == [int, str, str]  # as typed in the file
     assert [p.prompt_id for p in load_suite(path, per_category=1)] == ["81", "q-2", "3"]
 
 

@@ -1,9 +1,12 @@
 """Both target backends against transformers' own forward: logits, rollback, tree masks, compaction."""
 
+import warnings
+
 import pytest
 import torch
 from conftest import tiny_model
 
+from harness.errors import UserError
 from harness.targets import build_target
 
 
@@ -50,6 +53,43 @@ def test_tree_mask_and_compaction(backend):
     target.commit_path(torch.tensor([[0, 1, 3]]), torch.tensor([3]))  # keep r, 7, 11
     out = target.forward(torch.tensor([[13, 14]]))
     torch.testing.assert_close(out.logits[0], full_logits(model, prompt + [5, 7, 11, 13, 14])[15:], atol=2e-5, rtol=0)
+
+
+def test_hf_backend_gemma3_within_its_window():
+    """gemma3's sliding-window layers through the hf backend, all tokens inside the window (64)."""
+    model = tiny_model("gemma3_text", head_dim=16, sliding_window=64,
+                       layer_types=["sliding_attention", "full_attention"] * 2)
+    target = build_target(model, None, "tiny", "hf", max_len=128)
+    seq = torch.randint(0, 259, (30,), generator=torch.Generator().manual_seed(2)).tolist()
+    ref = full_logits(model, seq)
+    torch.testing.assert_close(target.prefill(torch.tensor([seq[:10]])).logits[0], ref[:10], atol=2e-5, rtol=0)
+    target.forward(torch.tensor([[seq[10], 3, 4]]))
+    target.commit(torch.tensor([1]))
+    out = target.forward(torch.tensor([seq[11:24]]))
+    torch.testing.assert_close(out.logits[0], ref[11:24], atol=2e-5, rtol=0)
+
+
+def test_hf_backend_refuses_a_sequence_beyond_the_sliding_window():
+    """Our causal mask overrides the sliding one: at window 16, token 17's logits are wrong, so refuse."""
+    model = tiny_model("gemma3_text", head_dim=16, sliding_window=16,
+                       layer_types=["sliding_attention", "full_attention"] * 2)
+    target = build_target(model, None, "tiny", "hf", max_len=128)
+    seq = torch.randint(0, 259, (17,), generator=torch.Generator().manual_seed(3)).tolist()
+    ref = full_logits(model, seq)
+    torch.testing.assert_close(target.prefill(torch.tensor([seq[:16]])).logits[0], ref[:16], atol=2e-5, rtol=0)
+    with pytest.raises(UserError, match=r"sequence of 17 tokens exceeds this model's sliding window \(16\)"):
+        target.forward(torch.tensor([seq[16:]]))
+
+
+def test_hf_backend_calls_no_deprecated_transformers_api():
+    """transformers warns (FutureWarning) before it removes an argument, e.g. past_key_values in 5.40."""
+    target = build_target(tiny_model(), None, "tiny", "hf", max_len=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        target.prefill(torch.tensor([list(range(10, 20))]), hidden_layers=(1,))
+        target.forward(torch.tensor([[5, 6, 7]]))
+        target.commit(torch.tensor([1]))
+        target.forward(torch.tensor([[8]]))
 
 
 def test_hidden_states_match_transformers():

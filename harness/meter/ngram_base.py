@@ -257,6 +257,9 @@ def read_id_sequences(path) -> list[list[int]]:
 
 
 def _cmd_fit_base(args) -> int:
+    from harness.records import check_out_file
+
+    check_out_file(args.out)
     seqs = read_id_sequences(args.ids)
     base = NgramBase.fit(seqs, order=args.order, vocab_size=args.vocab_size)
     base.meta["source"] = str(args.ids)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from harness.errors import UserError
+from harness.records import check_out_dir
 
 
 @dataclass
@@ -272,6 +273,7 @@ def _cmd_probe(args) -> int:
         cfg = ProbeConfig(**{**asdict(cfg), "seed": args.seed})
     coll = CollectConfig(max_tokens=args.max_tokens, ctx=args.ctx, batch=args.batch,
                          layers=tuple(args.layers or ()))
+    check_out_dir(Path(args.out or f"results/probe-{Path(args.target).name}"))
     target = _load_target(args.target)
     seqs = _read_sequences(args, target.tokenizer)
     hidden, w1, w2, seq_id = collect(target, seqs, coll)

@@ -16,7 +16,7 @@ import pandas as pd
 
 from harness.reports import plots
 from harness.errors import UserError
-from harness.records import _read_json, _text, run_info
+from harness.records import _read_json, _text, check_out_dir, run_info
 from harness.reports.summary import (
     DEFINITIONS, format_acceptance, format_meters, format_table, format_time_split, list_stats,
     load_records, markdown_table, summarize, summarize_records,
@@ -92,6 +92,7 @@ def build_report(run_dirs: list[Path], out_dir: Path | None = None,
 
     runs = [load_run(Path(d)) for d in run_dirs]
     out_dir = Path(out_dir) if out_dir is not None else runs[0].path
+    check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = pd.concat([r.summary for r in runs], ignore_index=True)
     several_runs = len(runs) > 1

@@ -45,6 +45,7 @@ class Prompt:
     category: str  # chat, code, math, summarization, qa (mini); "code" (humaneval); the file's category
     suite: str  # "mini", "humaneval", "calibration", or the question file's stem
     turns: tuple[str, ...]  # user messages
+    question_id: int | str | None = None  # a file's question_id as typed there (1 stays an int); None: prompt_id
 
 
 def list_suites() -> dict[str, str]:
@@ -102,7 +103,8 @@ def parse_questions(text: str, label: str, suite: str) -> list[Prompt]:
             raise UserError(f"{where}: duplicate question_id {qid!r} (first on line {first_line[qid]}); "
                             "make every question_id unique")
         first_line[qid] = lineno
-        prompts.append(Prompt(prompt_id=qid, category=category, suite=suite, turns=tuple(turns)))
+        prompts.append(Prompt(prompt_id=qid, category=category, suite=suite, turns=tuple(turns),
+                              question_id=row["question_id"]))
     if not prompts:
         raise UserError(f"prompts file {label} has no questions; {FILE_FORMAT_HINT}")
     return prompts

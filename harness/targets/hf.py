@@ -2,9 +2,19 @@
 
 Batch size 1 only (ragged batches need the native backend). Rolling back crops the cache; a tree step
 gathers the accepted path's keys and values into consecutive positions.
+
+The cache goes in under the name this transformers version's forward takes: `cache` in current
+versions (5.24 deprecates `past_key_values` and removes it in 5.40), `past_key_values` in the oldest one
+we support (5.17). tests/test_transformers_versions.py runs the hf-backend tests under 5.17.
+
+Our 4D mask is causal over every cached token, which overrides a sliding-window layer's own mask: a
+model with sliding-window layers (gemma3: 512 tokens) is exact only while the sequence fits in the
+window, so a longer one is refused rather than decoded wrongly.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from transformers import DynamicCache
@@ -28,6 +38,8 @@ class HFTarget(Target):
         self.device, self.dtype = p.device, p.dtype
         self.max_len = max_len
         self._layers = self._find_layers()
+        self._cache_arg = cache_argument(hf_model)
+        self.window = sliding_window(cfg)
         self.reset(1)
 
     def _find_layers(self):
@@ -52,6 +64,9 @@ class HFTarget(Target):
         L = int(self.lengths[0])
         if L + T > self.max_len:
             raise UserError(f"sequence of {L + T} tokens exceeds the cache ({self.max_len}): raise --max-len")
+        if self.window is not None and L + T > self.window:
+            raise UserError(f"sequence of {L + T} tokens exceeds this model's sliding window ({self.window}), which "
+                            "the hf backend does not apply: shorten the prompts or lower --max-new-tokens")
         if self._cached > L:
             self._keep(torch.arange(L, device=self.device))  # drop rejected drafts left from the last step
         positions = self.default_positions(T) if positions is None else positions
@@ -64,7 +79,7 @@ class HFTarget(Target):
             hooks.append(self._layers[idx].register_forward_hook(hook))
         try:
             out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask,
-                             past_key_values=self.cache, use_cache=True)
+                             use_cache=True, **{self._cache_arg: self.cache})
         finally:
             for h in hooks:
                 h.remove()
@@ -88,3 +103,20 @@ class HFTarget(Target):
                 layer.keys = layer.keys.index_select(-2, at)
                 layer.values = layer.values.index_select(-2, at)
         self._cached = idx.numel()
+
+
+def cache_argument(hf_model) -> str:
+    """The keyword under which the model's forward takes its KV cache: "cache" where the forward has it
+    (5.24 has it), else "past_key_values" (all that 5.17 takes)."""
+    params = inspect.signature(hf_model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def sliding_window(cfg) -> int | None:
+    """The sliding window of a model with sliding-window layers (layer_types, or sliding_window alone in
+    configs without layer types, e.g. Mistral), else None."""
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if not window or (types is not None and "sliding_attention" not in types):
+        return None
+    return int(window)

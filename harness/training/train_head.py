@@ -40,6 +40,7 @@ from torch import nn
 from tqdm import tqdm
 
 from harness.errors import UserError
+from harness.records import check_out_dir
 from harness.drafters.heads import EagleHead, Frozen, config_for_target, init_head, save_head
 from harness.targets.native import rms_norm
 
@@ -104,6 +105,7 @@ def validate(args) -> None:
     if args.draft_vocab and args.variant != "eagle3":
         raise UserError("--draft-vocab applies to --variant eagle3 only")
     out = Path(args.out)
+    check_out_dir(out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"output folder {out} exists: pass --overwrite to replace it")
 
