@@ -168,7 +168,7 @@ def test_graphs_match_eager_on_cuda():
     eager = build_target(model, None, "tiny", "native", max_len=64, static=True)
     fast = enable_fast(build_target(model, None, "tiny", "native", max_len=64))
     assert fast.graphs
-    for drafter in (AR, lambda t: layerskip(t, 2)):
+    for drafter in (lambda t: AR(), lambda t: layerskip(t, 2)):
         ref = run(eager, drafter(eager), backend="torch").new_ids
         got = run(fast, enable_fast_drafter(drafter(fast)), backend="torch").new_ids
         assert got == ref  # same kernels replayed: bitwise the same logits, so the same tokens
