@@ -15,6 +15,21 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+def add_fast_flags(p: argparse.ArgumentParser) -> None:
+    """--fast [graph|compile|off] and --no-fast (harness.engine.fast)."""
+    p.add_argument("--fast", nargs="?", const="graph", choices=("graph", "compile", "off"), default=None,
+                   help="replay the native target's steps as CUDA graphs (default: on for CUDA); compile: "
+                        "graphs of torch.compile'd layers; off: eager")
+    p.add_argument("--no-fast", dest="fast", action="store_const", const="off", help="the same as --fast off")
+
+
+def fast_fields(value: str | None) -> dict:
+    """RunConfig fields for a --fast value: {} (the default), fast=False, or fast=True and its mode."""
+    if value is None:
+        return {}
+    return {"fast": False} if value == "off" else {"fast": True, "fast_mode": value}
+
+
 def register(sub) -> None:
     d = RunConfig()
     p = sub.add_parser("run", help="benchmark drafters on a suite", description="Benchmark drafters on a suite.")
@@ -50,8 +65,7 @@ def register(sub) -> None:
     p.add_argument("--total-tokens", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,  # harness.engine.fast
-                   help="replay the native target's steps as CUDA graphs (default: on for CUDA)")
+    add_fast_flags(p)
     # -- multi-process runs (harness.distributed) --
     p.add_argument("--processes", type=int, default=None,
                    help="split the prompts over N processes (one per GPU) under `accelerate launch`")
@@ -68,7 +82,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     values = dict(PRESETS[args.preset]) if args.preset else {}
     for key in ("target", "backend", "drafters", "suite", "limit", "per_category", "max_new_tokens", "temperature",
                 "seed", "device", "dtype", "max_len", "out", "run_id", "verify_backend", "meter_base", "layerskip_layers",
-                "draft_model", "head", "depth", "top_k", "total_tokens", "warmup", "batch_size", "device_map", "fast"):
+                "draft_model", "head", "depth", "top_k", "total_tokens", "warmup", "batch_size", "device_map"):
         v = getattr(args, key)
         if v is not None:
             values[key] = v
@@ -84,6 +98,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         values["suite"] = args.prompts
     if args.meter is not None:
         values["meter"] = args.meter == "on"
+    values.update(fast_fields(args.fast))
     values.update(resume=args.resume, overwrite=args.overwrite,
                   command=" ".join(shlex.quote(a) for a in ["spec-harness"] + sys.argv[1:]))
     return RunConfig(**values)

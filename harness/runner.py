@@ -81,6 +81,8 @@ def environment(cfg: RunConfig, target) -> dict:
     placement = getattr(model, "hf_device_map", None)  # set by accelerate when it spread the model over devices
     env["device_map"] = placement or ({"": str(dev)} if cfg.device_map else None)  # --device-map auto: module -> device
     env["fast"] = cfg.fast  # harness.engine.fast: steps replayed as CUDA graphs
+    env["fast_mode"] = cfg.fast_mode if cfg.fast else None  # graph | compile
+    env["attention"] = getattr(getattr(target, "model", None), "attention", None)  # harness.targets.attention
     if dev.type == "cuda":
         try:
             env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -174,12 +176,12 @@ def run(cfg: RunConfig, out: Path | None = None, rank: int = 0, world: int = 1, 
     # -- fast path (harness.engine.fast): CUDA graphs, on by default for a native target on CUDA --
     cfg.fast = resolve_fast(cfg.fast, target)
     if cfg.fast:
-        target = enable_fast(target)
+        target = enable_fast(target, mode=cfg.fast_mode)
     # -- end fast path --
     names = ["ar"] + [d for d in cfg.drafters if d != "ar"] if "ar" in cfg.drafters else list(cfg.drafters)
     drafters = {name: build_drafter(name, target, cfg) for name in names}
     if cfg.fast:  # harness.engine.fast: drafters that run a native model of their own replay graphs too
-        drafters = {name: enable_fast_drafter(d) for name, d in drafters.items()}
+        drafters = {name: enable_fast_drafter(d, cfg.fast_mode) for name, d in drafters.items()}
     meter = _meter(cfg, target)
     make_run_dir(cfg, out)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
