@@ -18,6 +18,7 @@ from harness.engine.step import decode, flush_meter
 from harness.drafters import build_drafter, is_peer, validate_drafters
 from harness.errors import UserError
 from harness.engine.fast import enable_fast, enable_fast_drafter, precapture, resolve_fast
+from harness.provenance import git_commit
 from harness.records import JsonlWriter, read_jsonl
 from harness.suites import Prompt, load_suite
 from harness.targets import load_target
@@ -52,14 +53,6 @@ def make_run_dir(cfg: RunConfig, path: Path) -> None:
     if path.exists() and cfg.overwrite and not cfg.resume:
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def environment(cfg: RunConfig, target) -> dict:
