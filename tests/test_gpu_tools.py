@@ -5,6 +5,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,3 +56,20 @@ def test_copy_bandwidth_is_measured():
     bw = bench.copy_bandwidth("cpu", mib=8, reps=3)
     assert 1e8 < bw < 1e13  # bytes read + written per second by a real copy on this machine
     assert not hasattr(bench, "HBM_BYTES_PER_S")  # no data-sheet constant left
+
+
+@pytest.mark.slow  # torch.compile of a decoder layer on a 2-core CPU: about 40 s
+def test_ar_floor_runs_every_method_on_cpu(tiny_dir, tmp_path):
+    """bench_ar_floor with the compiled rows (a CPU has no graphs: the same steps run eagerly/compiled):
+    every row decodes the same tokens as ar-eager, and the files it promises exist."""
+    bench = load("bench_ar_floor")
+    out = tmp_path / "floor"
+    assert bench.main(["--target", str(tiny_dir), "--suite", "calibration", "--limit", "1", "--max-new-tokens", "6",
+                       "--repeats", "1", "--device", "cpu", "--dtype", "float32", "--max-len", "256",
+                       "--out", str(out)]) == 0
+    rows = {r["method"]: r for r in csv.DictReader(open(out / "ar_floor.csv"))}
+    assert list(rows) == list(bench.METHODS)
+    for m in ("ar-fast", "ar-compile", "hf-generate"):
+        assert float(rows[m]["same_tokens_as_ar_eager"]) == 1.0, m
+    assert float(rows["floor"]["x_floor"]) == 1.0 and float(rows["floor-compile"]["ms_per_token"]) > 0
+    assert json.loads((out / "env.json").read_text())["benchmark"] == "bench_ar_floor"
