@@ -3,6 +3,10 @@
 import csv
 import importlib.util
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,3 +77,57 @@ def test_ar_floor_runs_every_method_on_cpu(tiny_dir, tmp_path):
         assert float(rows[m]["same_tokens_as_ar_eager"]) == 1.0, m
     assert float(rows["floor"]["x_floor"]) == 1.0 and float(rows["floor-compile"]["ms_per_token"]) > 0
     assert json.loads((out / "env.json").read_text())["benchmark"] == "bench_ar_floor"
+
+
+def plan(script: str) -> tuple[dict, int]:
+    text = subprocess.run(["bash", str(ROOT / "benchmarks" / script), "--plan"], capture_output=True, text=True,
+                          check=True).stdout
+    rows = [line.split() for line in text.splitlines()[1:]]
+    stages = {name: (int(e), int(c)) for name, e, c in rows if name != "total"}
+    return stages, int(rows[-1][2])
+
+
+def test_gpu_plan_fits_the_device_limits():
+    """A < 4 min, B < 8 min, both within 13; each stage's expected time under its cap; every stage the
+    script runs has a planned cap (stage NAME lines against PLAN)."""
+    (a, budget_a), (b, budget_b) = plan("gpu_a.sh"), plan("gpu_b.sh")
+    assert budget_a <= 240 and budget_b <= 480 and budget_a + budget_b <= 13 * 60
+    for stages, budget, script in ((a, budget_a, "gpu_a.sh"), (b, budget_b, "gpu_b.sh")):
+        assert sum(e for e, _ in stages.values()) <= budget - 10  # 10 s kept for packing
+        assert all(e <= c for e, c in stages.values())
+        text = (ROOT / "benchmarks" / script).read_text()
+        run = set(re.findall(r'^\s*stage "?([a-z-]+)"? ', text, re.M)) | ({"profile-graph", "profile-compile",
+                                                                          "profile-eager"} if "$name" in text else set())
+        run.discard("$name")
+        assert run == set(stages), (script, run ^ set(stages))
+    assert list(b)[:3] == ["convert", "floor", "humaneval"]  # most important first
+
+
+def test_gpu_lib_stages_publish_as_they_end(tmp_path):
+    """The shared stage runner: ok / FAILED / TIMED OUT / SKIPPED in summary.log, and $OUT holds the packed
+    results after every stage, so a command killed at its limit returns what finished."""
+    script = tmp_path / "gpu_t.sh"
+    script.write_text(f"""NAME=t
+BUDGET=40
+PLAN=("good:1:5" "bad:1:5" "slow:1:2" "late:1:5")
+KEY_FILES=(good/result.txt)
+source {ROOT}/benchmarks/gpu_lib.sh "$@"
+stage good bash -c 'mkdir -p "$0/good" && echo 42 > "$0/good/result.txt"' "$RES"
+test -f "$OUT/good.result.txt" && test -f "$OUT/results-t.tar.gz" && log "published after good"
+stage bad bash -c 'echo boom >&2; exit 3'
+stage slow sleep 30
+START=$((START - 100))
+stage late true
+""")
+    out, res = tmp_path / "out", tmp_path / "res"
+    env = dict(os.environ, OUT=str(out), GPU_RESULTS=str(res), GPU_MODEL_DIR=str(tmp_path / "m"),
+               GPU_SITE=str(tmp_path / "site"), GPU_DEVICE="cpu", PYTHON=sys.executable)
+    subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    log = (out / "summary-t.log").read_text()
+    assert "good: ok" in log and "published after good" in log
+    assert "bad: FAILED (exit 3" in log and "boom" in log
+    assert "slow: TIMED OUT" in log and "late: SKIPPED" in log and "finished in" in log
+    assert (out / "good.result.txt").read_text() == "42\n"
+    names = subprocess.run(["tar", "-tzf", str(out / "results-t.tar.gz")], capture_output=True, text=True).stdout
+    assert "./good/result.txt" in names and "./logs/bad.log" in names
+    assert not list(out.glob("*.part"))

@@ -36,7 +36,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from harness.errors import UserError
 
 BACKENDS = ("sdpa-gqa", "fold", "fold-efficient", "fold-cudnn", "fold-math", "manual")
-CUDA_PREFERENCE = ("fold-efficient", "fold-cudnn", "manual")  # tried in order on CUDA
+CUDA_PREFERENCE = ("fold-efficient", "fold-cudnn", "manual", "sdpa-gqa")  # tried in order on CUDA
 PINNED = {"fold-efficient": SDPBackend.EFFICIENT_ATTENTION, "fold-cudnn": SDPBackend.CUDNN_ATTENTION,
           "fold-math": SDPBackend.MATH}
 ENV = "SPEC_HARNESS_ATTENTION"
