@@ -57,6 +57,15 @@ def test_check_backend_reports_a_kernel_that_cannot_run():
     assert why is not None and why.startswith("decode")
 
 
+def test_check_backend_reports_a_wrong_result(monkeypatch):
+    import harness.targets.attention as attention
+
+    right = attention.attend
+    monkeypatch.setattr(attention, "attend", lambda q, k, v, m, b: right(q, k, v, m, b) * (1 + 1e-3))
+    why = check_backend("manual", torch.device("cpu"), torch.float32, 9, 3, 64, max_len=256)
+    assert why is not None and "max difference" in why
+
+
 def test_choice_cpu_default_and_environment(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
     assert choose_attention(torch.device("cpu"), torch.float32, 4, 2, 16) == "sdpa-gqa"
