@@ -73,6 +73,12 @@ def test_choice_cpu_default_and_environment(monkeypatch):
     assert choose_attention(torch.device("cpu"), torch.float32, 4, 2, 16) == "manual"
     target = build_target(tiny_model(), None, "tiny", "native", max_len=32)
     assert {b.attention for b in target.model.blocks} == {"manual"}
+    import harness.targets.native as native
+
+    used, right = [], native.attend
+    monkeypatch.setattr(native, "attend", lambda q, k, v, m, b: used.append(b) or right(q, k, v, m, b))
+    target.prefill(torch.tensor([[1, 2, 3]]))
+    assert used == ["manual"] * target.num_layers  # every layer's forward ran the chosen backend
     monkeypatch.setenv(ENV, "flash")
     with pytest.raises(UserError, match="not an attention backend"):
         choose_attention(torch.device("cpu"), torch.float32, 4, 2, 16)
