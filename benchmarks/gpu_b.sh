@@ -16,7 +16,7 @@
 # `bash benchmarks/gpu_b.sh --plan` prints the stages' expected time and caps; see benchmarks/gpu_lib.sh.
 NAME=b
 BUDGET=${GPU_BUDGET_S:-460}
-PLAN=("convert:20:60" "floor:90:150" "humaneval:90:120" "tree:35:50" "profile-graph:25:45" "profile-compile:30:50"
+PLAN=("convert:40:150" "floor:90:150" "humaneval:90:120" "tree:35:50" "profile-graph:25:45" "profile-compile:30:50"
       "profile-eager:20:40" "batch:60:80" "meter:35:50" "report:15:30")
 KEY_FILES=()
 # shellcheck source=benchmarks/gpu_lib.sh

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
+from tqdm import tqdm
 
 from harness.provenance import git_commit
 from harness.targets.attention import (BACKENDS, ENV, attend, case_inputs, choose_attention, reference,
@@ -164,12 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     cases = shape_cases(batch=args.batch, max_len=args.max_len, tree=args.tree, prefill=args.prefill)
     rows = []
-    for dtype in dtypes:
-        for kind, B, T, S in cases:
-            case = case_inputs(B, T, S, hq, hkv, d, dev, dtype)
-            for name, fn in candidates().items():
-                rows.append(dict(candidate=name, dtype=str(dtype).replace("torch.", ""), shape=kind, B=B, T=T, S=S,
-                                 **probe_one(fn, case, dev, dtype, args.reps)))
+    grid = [(dtype, c) for dtype in dtypes for c in cases]
+    for dtype, (kind, B, T, S) in tqdm(grid, desc="attention probe", unit="shape", dynamic_ncols=True):
+        case = case_inputs(B, T, S, hq, hkv, d, dev, dtype)
+        for name, fn in candidates().items():
+            rows.append(dict(candidate=name, dtype=str(dtype).replace("torch.", ""), shape=kind, B=B, T=T, S=S,
+                             **probe_one(fn, case, dev, dtype, args.reps)))
     with open(args.out / "probe.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
