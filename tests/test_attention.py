@@ -112,3 +112,23 @@ def test_cuda_choice_works_on_every_shape(dtype, monkeypatch):
     dev = torch.device("cuda")
     chosen = choose_attention(dev, dtype, 9, 3, 64)
     assert check_backend(chosen, dev, dtype, 9, 3, 64) is None
+
+
+def test_eagle_head_layer_uses_the_chosen_backend(monkeypatch):
+    from harness.drafters.heads import HeadLayer
+    from harness.targets.native import LlamaSpec
+
+    spec = LlamaSpec(vocab_size=259, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4, num_kv_heads=2,
+                     head_dim=16, rms_eps=1e-6, rope_theta=1e4, rope_scaling=None, attention_bias=False)
+    layer = HeadLayer(spec)
+    q, k, v, mask = case_inputs(1, 5, 24, 4, 2, 16, "cpu", torch.float32)
+    import harness.drafters.heads as heads
+
+    used, right = [], heads.attend
+    monkeypatch.setattr(heads, "attend", lambda q, k, v, m, b: used.append(b) or right(q, k, v, m, b))
+    outs = {}
+    for name in ("sdpa-gqa", "manual"):
+        monkeypatch.setenv(ENV, name)
+        outs[name] = layer.attend(q, k, v, mask[:1])  # the head's masks broadcast over the batch
+    assert used == ["sdpa-gqa", "manual"]
+    torch.testing.assert_close(outs["manual"], outs["sdpa-gqa"], atol=1e-5, rtol=1e-5)
