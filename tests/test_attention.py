@@ -1,6 +1,8 @@
 """Attention backends (harness.targets.attention): every selectable path equals the original SDPA call on
 the shapes the native target uses, and the choice is made once, from the environment or a check."""
 
+import importlib
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -73,8 +75,7 @@ def test_choice_cpu_default_and_environment(monkeypatch):
     assert choose_attention(torch.device("cpu"), torch.float32, 4, 2, 16) == "manual"
     target = build_target(tiny_model(), None, "tiny", "native", max_len=32)
     assert {b.attention for b in target.model.blocks} == {"manual"}
-    import harness.targets.native as native
-
+    native = importlib.import_module("harness.targets.native")
     used, right = [], native.attend
     monkeypatch.setattr(native, "attend", lambda q, k, v, m, b: used.append(b) or right(q, k, v, m, b))
     target.prefill(torch.tensor([[1, 2, 3]]))
@@ -122,8 +123,7 @@ def test_eagle_head_layer_uses_the_chosen_backend(monkeypatch):
                      head_dim=16, rms_eps=1e-6, rope_theta=1e4, rope_scaling=None, attention_bias=False)
     layer = HeadLayer(spec)
     q, k, v, mask = case_inputs(1, 5, 24, 4, 2, 16, "cpu", torch.float32)
-    import harness.drafters.heads as heads
-
+    heads = importlib.import_module("harness.drafters.heads")
     used, right = [], heads.attend
     monkeypatch.setattr(heads, "attend", lambda q, k, v, m, b: used.append(b) or right(q, k, v, m, b))
     outs = {}
