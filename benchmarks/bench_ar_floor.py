@@ -36,10 +36,11 @@ from pathlib import Path
 import torch
 
 from harness.config import RunConfig
-from harness.engine.step import decode
+from harness.engine.scheduler import decode
 from harness.drafters.ar import AR
 from harness.engine.fast import StepGraph, compiled_model, enable_fast
-from harness.runner import environment, eos_ids, prompt_ids
+from harness.targets.chat import eos_ids, prompt_ids
+from harness.runner import environment
 from harness.suites import load_suite
 from harness.targets import build_target, load_target
 from harness.timing import PHASES, PhaseClock

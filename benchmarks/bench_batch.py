@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from harness.engine.scheduler import batch_summary, check_batchable
+from harness.reports.summary import batch_summary
 from harness.calibrate import calibrate, calibration_prompts, is_tree_drafter, save_calibrations
 from harness.config import RunConfig
 from harness.drafters import build_drafter

@@ -30,7 +30,8 @@ from harness.config import RunConfig
 from harness.drafters import build_drafter
 from harness.meter.core import Meter
 from harness.meter.ngram_base import NgramBase
-from harness.runner import environment, eos_ids, run_prompt
+from harness.targets.chat import eos_ids
+from harness.runner import environment, run_prompt
 from harness.suites import load_suite
 from harness.targets import load_target
 from spec_kernels.results import DRAFT_STATS, REQUEST_STATS

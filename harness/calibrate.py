@@ -269,8 +269,8 @@ def measure_draft(target, drafter, batch_sizes, k_max: int, context_ids: list[in
 def measure_acceptance(target, drafter, prompts, k_max: int, temperature: float, seed: int,
                        max_new_tokens: int, verify_backend: str) -> tuple[list[float], list[float], int]:
     """(a_j, d_j, steps) from batch-1 decoding of each prompt's first turn at K = k_max."""
-    from harness.engine.step import decode
-    from harness.runner import eos_ids, prompt_ids
+    from harness.engine.scheduler import decode
+    from harness.targets.chat import eos_ids, prompt_ids
     from harness.reports.summary import acceptance_by_position
 
     eos = eos_ids(target)
@@ -310,7 +310,7 @@ def calibrate(target, drafter, name: str, *, batch_sizes, k_max: int = K_MAX, to
               seed: int = 0, prompts=None, max_new_tokens: int = 64, context: int = 256, repeats: int = 5,
               warmup: int = 2, verify_backend: str = "auto") -> Calibration:
     """Measures everything the cost model needs (see the module docstring)."""
-    from harness.runner import prompt_ids
+    from harness.targets.chat import prompt_ids
 
     prompts = prompts if prompts is not None else calibration_prompts()
     batch_sizes = sorted(set(int(b) for b in batch_sizes))

@@ -34,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from harness.config import RunConfig
 from harness.errors import UserError
-from harness.run_cli import add_fast_flags, fast_fields
+from harness.engine.fast import add_fast_flags, fast_fields
 from harness.targets.base import Target, TargetProxy
 from harness.timing import PHASES, PhaseClock
 
@@ -88,23 +88,31 @@ class RegionTarget(TargetProxy):
         with record_function(CACHE_UPDATE):
             self.inner.reset(batch_size)
 
-    def commit(self, n) -> None:
-        with record_function(CACHE_UPDATE):
-            self.inner.commit(n)
+    def prefill_row(self, b, ids, hidden_layers=()):
+        with record_function(PREFILL):
+            return self.inner.prefill_row(b, ids, hidden_layers)
 
-    def commit_path(self, slots, n) -> None:
+    def keep_rows(self, rows) -> None:
         with record_function(CACHE_UPDATE):
-            self.inner.commit_path(slots, n)
+            self.inner.keep_rows(rows)
 
-    def rollback(self, lengths) -> None:
+    def commit(self, n, n_host=None) -> None:
         with record_function(CACHE_UPDATE):
-            self.inner.rollback(lengths)
+            self.inner.commit(n, n_host)
+
+    def commit_path(self, slots, n, n_host=None) -> None:
+        with record_function(CACHE_UPDATE):
+            self.inner.commit_path(slots, n, n_host)
+
+    def rollback(self, lengths, lengths_host=None) -> None:
+        with record_function(CACHE_UPDATE):
+            self.inner.rollback(lengths, lengths_host)
 
 
 def workload(target, drafter, prompts, cfg: RunConfig, steps: int, eos: set[int]) -> dict:
     """Decodes prompts in turn until `steps` target forwards are done; returns totals."""
-    from harness.engine.step import decode
-    from harness.runner import prompt_ids
+    from harness.engine.scheduler import decode
+    from harness.targets.chat import prompt_ids
 
     done = new_tokens = 0
     t0 = time.perf_counter()
@@ -165,7 +173,8 @@ def format_phase_table(rows: list[dict], device_type: str) -> str:
 def profile_run(cfg: RunConfig, drafter_name: str, steps: int, out: Path) -> list[dict]:
     from harness.drafters import build_drafter, is_peer
     from harness.engine.fast import enable_fast, enable_fast_drafter, precapture, resolve_fast
-    from harness.runner import environment, eos_ids
+    from harness.targets.chat import eos_ids
+    from harness.runner import environment
     from harness.suites import load_suite
     from harness.targets import load_target
 

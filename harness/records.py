@@ -11,29 +11,41 @@ results/<run-id>/
 steps.jsonl fields:
   drafter, prompt_id, category, suite, turn, step, rank (process rank), batch_size,
   drafted (draft tokens proposed: chain length, or tree nodes excluding the root),
-  depth (longest draft path: = drafted for chains), accepted, emitted (= accepted + 1),
+  depth (longest draft path: = drafted for chains), accepted, emitted (= accepted + 1, except in a
+  step cut at EOS or --max-new-tokens: cut = true, emitted = the tokens kept, accepted = min(accepted,
+  emitted) and, for chains, drafted and depth = min(., emitted): every count is of what was emitted),
   t_draft, t_verify, t_accept, t_other (seconds; phases named as in the profiler),
   optional meter fields (lists over committed depth j = 1..emitted): h_verify, h_draft, ce_draft,
   ce_base, kl, tv, alpha_theory, surplus_ub, surplus_use (nats)
 prompts.jsonl fields:
   drafter, prompt_id, category, suite, rank, prompt_tokens, new_tokens, steps (target forwards),
   drafted, accepted, wall_s, turns (list of generated texts), output_ids (list of token-id lists, one per
-  turn), diverged (bool: output differs from ar's on this prompt; null for ar or when ar did not run)
+  turn), diverged (bool: output differs from ar's on this prompt; null for ar or when ar did not run),
+  failed (only on a prompt that failed: the one-line reason; --resume retries it)
+divergence.jsonl (harness.engine.divergence): per diverged (drafter, prompt) at temperature 0, the first
+  differing turn and position, both tokens and the target's top-1 minus top-2 logit margin there
 """
 
 from __future__ import annotations
 
 import json
+
+from harness.errors import UserError
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+BATCH_RUNS = "batch_runs.jsonl"  # one line per drafter and attempt of a batched run (harness.runner)
+BATCH_FIELDS = (
+    "drafter", "suite", "batch_size", "k", "k_auto", "prompts", "new_tokens", "wall_s", "tok_s_total",
+    "predicted_tau", "predicted_tok_s", "predicted_speedup",
+)
 STEP_FIELDS = (
     "drafter", "prompt_id", "category", "suite", "turn", "step", "rank", "batch_size",
-    "drafted", "depth", "accepted", "emitted", "t_draft", "t_verify", "t_accept", "t_other",
+    "drafted", "depth", "accepted", "emitted", "cut", "t_draft", "t_verify", "t_accept", "t_other",
 )
 PROMPT_FIELDS = (
     "drafter", "prompt_id", "category", "suite", "rank", "prompt_tokens", "new_tokens", "steps",
-    "drafted", "accepted", "wall_s", "turns", "output_ids", "diverged",
+    "drafted", "accepted", "wall_s", "turns", "output_ids", "diverged", "failed",
 )
 METER_FIELDS = (
     "h_verify", "h_draft", "ce_draft", "ce_base", "kl", "tv", "alpha_theory", "surplus_ub", "surplus_use",
@@ -74,3 +86,37 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
                 yield json.loads(line)
             except json.JSONDecodeError:
                 continue
+
+
+# ----------------------------------------------------------------------------- a run's identity
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err.msg}); fix or remove it") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _text(value, *keys: str) -> str:
+    """A record field as text: a dict gives its first present key (e.g. a device's name)."""
+    if isinstance(value, dict):
+        for k in keys:
+            if value.get(k):
+                return str(value[k])
+        return json.dumps(value, sort_keys=True)
+    return "unknown" if value in (None, "") else str(value)
+
+
+def run_info(run_dir: Path) -> dict[str, str]:
+    """device (env.json), target (config.json), commit and command of a run folder."""
+    env, config = _read_json(run_dir / "env.json"), _read_json(run_dir / "config.json")
+    return {
+        "name": run_dir.resolve().name,
+        "device": _text(env.get("device"), "name", "device"),
+        "target": _text(config.get("target"), "name", "model", "id", "path"),
+        "commit": _text(env.get("git_commit", env.get("commit"))),
+        "command": _text(config.get("command", env.get("command"))),
+    }

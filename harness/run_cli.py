@@ -8,26 +8,12 @@ import sys
 
 from harness.calibrate import parse_k
 from harness.config import PRESETS, RunConfig
+from harness.engine.fast import add_fast_flags, fast_fields
 from harness.errors import UserError
 
 
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
-def add_fast_flags(p: argparse.ArgumentParser) -> None:
-    """--fast [graph|compile|off] and --no-fast (harness.engine.fast)."""
-    p.add_argument("--fast", nargs="?", const="graph", choices=("graph", "compile", "off"), default=None,
-                   help="replay the native target's steps as CUDA graphs (default: on for CUDA); compile: "
-                        "graphs of torch.compile'd layers; off: eager")
-    p.add_argument("--no-fast", dest="fast", action="store_const", const="off", help="the same as --fast off")
-
-
-def fast_fields(value: str | None) -> dict:
-    """RunConfig fields for a --fast value: {} (the default), fast=False, or fast=True and its mode."""
-    if value is None:
-        return {}
-    return {"fast": False} if value == "off" else {"fast": True, "fast_mode": value}
 
 
 def register(sub) -> None:
@@ -107,7 +93,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def cmd_run(args: argparse.Namespace) -> int:
     from harness import distributed
     from harness.runner import run
-    from harness.reports.summary import format_table, write_summary
+    from harness.reports.summary import failed_prompts, format_table, write_summary
 
     cfg = config_from_args(args)
     # -- multi-process runs (harness.distributed) --
@@ -120,9 +106,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         out = run(cfg)
     # -- end multi-process runs --
-    df = write_summary(out)
-    print(format_table(df))
+    failed = failed_prompts(out)
+    try:
+        df = write_summary(out)
+        print(format_table(df))
+    except UserError:
+        if not failed:
+            raise
     print(f"\nresults: {out}/ (summary.md, summary.csv, steps.jsonl, prompts.jsonl, env.json)")
+    if failed:
+        print(f"spec-harness: error: {len(failed)} prompt(s) failed (listed in summary.md); rerun with --resume "
+              "to retry them", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import platform
 import shutil
 import subprocess
@@ -14,15 +16,16 @@ import torch
 from tqdm import tqdm
 
 from harness.config import RunConfig
-from harness.engine.step import decode, flush_meter
 from harness.drafters import build_drafter, is_peer, validate_drafters
-from harness.errors import UserError
+from harness.engine.divergence import divergences
 from harness.engine.fast import enable_fast, enable_fast_drafter, precapture, resolve_fast
+from harness.engine.scheduler import Scheduler
+from harness.errors import UserError
 from harness.provenance import git_commit
-from harness.records import JsonlWriter, read_jsonl
+from harness.records import BATCH_RUNS, JsonlWriter, read_jsonl
 from harness.suites import Prompt, load_suite
 from harness.targets import load_target
-from harness.timing import PhaseClock
+from harness.targets.chat import eos_ids, prompt_ids
 
 BASES = Path(__file__).resolve().parent / "heads"  # shipped n-gram base predictors: <target>.ngram.safetensors
 
@@ -85,68 +88,45 @@ def environment(cfg: RunConfig, target) -> dict:
     return env
 
 
-def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
-    text = "\n\n".join(m["content"] for m in messages) + "\n\n"
-    return tokenizer(text)["input_ids"]
+def run_prompt(cfg: RunConfig, target, drafter, prompt: Prompt, eos: set[int], meter=None, max_new=None,
+               name: str | None = None):
+    """Decodes every turn of one prompt at batch 1; returns (prompt record fields, step records). A
+    failure of our drafters comes back as fields["failed"] (the reason) with the turns finished so far."""
+    max_new = max_new or cfg.max_new_tokens
+    if is_peer(drafter):
+        return _run_peer(cfg, target, drafter, prompt, eos, max_new)
+    got = {}
+    sched = Scheduler(target, drafter, name=name or drafter.name, batch_size=1, max_new_tokens=max_new, k=cfg.k,
+                      temperature=cfg.temperature, seed=cfg.seed, eos_ids=eos, verify_backend=cfg.verify_backend,
+                      new_meter=(lambda: meter) if meter is not None else None,
+                      on_finish=lambda _p, f, st: got.update(fields=f, steps=st),
+                      on_fail=lambda _p, reason, f: got.update(fields={**f, "failed": reason}, steps=[]))
+    sched.run([prompt])
+    return got["fields"], got["steps"]
 
 
-def eos_ids(target) -> set[int]:
-    ids = set()
-    gen = getattr(getattr(target, "hf_model", None) or getattr(target, "model", None), "generation_config", None)
-    for src in (getattr(gen, "eos_token_id", None), getattr(target.tokenizer, "eos_token_id", None)):
-        if isinstance(src, int):
-            ids.add(src)
-        elif src:
-            ids.update(src)
-    return ids
-
-
-def run_prompt(cfg: RunConfig, target, drafter, prompt: Prompt, eos: set[int], meter=None, max_new=None):
-    """Decodes every turn of a prompt; returns (prompt record fields, step records)."""
-    messages, turns, outputs, steps = [], [], [], []
-    wall = 0.0
-    prompt_tokens = 0
-    clock = PhaseClock(target.device)
-    for turn, text in enumerate(prompt.turns):
+def _run_peer(cfg, target, drafter, prompt: Prompt, eos: set[int], max_new: int):
+    """A transformers peer: its own generate, timed around the call only."""
+    messages, turns, outputs = [], [], []
+    wall, prompt_tokens = 0.0, 0
+    for text in prompt.turns:
         messages.append({"role": "user", "content": text})
         ids = prompt_ids(target.tokenizer, messages)
-        if len(ids) + (max_new or cfg.max_new_tokens) + cfg.k + 2 > target.max_len:
+        if len(ids) + max_new + cfg.k + 2 > target.max_len:
             raise UserError(f"prompt {prompt.prompt_id} needs more than --max-len {target.max_len} cache slots")
         prompt_tokens += len(ids)
         _sync(target.device)
         t0 = time.perf_counter()
-        if is_peer(drafter):
-            new_ids, turn_steps, meter_rows = drafter.generate(ids, max_new or cfg.max_new_tokens, cfg.temperature, eos), [], []
-        else:
-            dec = decode(target, drafter, ids, max_new_tokens=max_new or cfg.max_new_tokens, k=cfg.k,
-                         temperature=cfg.temperature, seed=cfg.seed, eos_ids=eos,
-                         verify_backend=cfg.verify_backend, meter=meter, clock=clock)
-            new_ids, turn_steps, meter_rows = dec.new_ids, dec.steps, []
+        new_ids = drafter.generate(ids, max_new, cfg.temperature, eos)
         _sync(target.device)
         wall += time.perf_counter() - t0
-        if meter is not None and not is_peer(drafter):
-            meter_rows = flush_meter(meter, ids, new_ids)  # outside the timed region
-        clock.resolve(turn_steps)
-        for i, rec in enumerate(turn_steps):
-            rec.update(turn=turn, step=i)
-            if i < len(meter_rows):
-                rec.update(meter_rows[i])
-        steps.extend(turn_steps)
         answer = target.tokenizer.decode(new_ids, skip_special_tokens=True)
         messages.append({"role": "assistant", "content": answer})
         turns.append(answer)
         outputs.append(new_ids)
-    n_new = sum(len(o) for o in outputs)
-    fields = dict(prompt_tokens=prompt_tokens, new_tokens=n_new, wall_s=wall, turns=turns, output_ids=outputs,
-                  steps=len(steps) if steps else None,
-                  drafted=sum(s["drafted"] for s in steps) if steps else None,
-                  accepted=sum(s["accepted"] for s in steps) if steps else None)
-    return fields, steps
+    fields = dict(prompt_tokens=prompt_tokens, new_tokens=sum(len(o) for o in outputs), wall_s=wall, turns=turns,
+                  output_ids=outputs, steps=None, drafted=None, accepted=None)
+    return fields, []
 
 
 def _sync(device):
@@ -154,10 +134,47 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+class Records:
+    """The run folder's record files (harness.records): steps, prompts, batched runs, divergences."""
+
+    def __init__(self, out: Path, ar_out: dict, rank: int, after_prompt):
+        self.out = out
+        self.steps_w, self.prompts_w = JsonlWriter(out / "steps.jsonl"), JsonlWriter(out / "prompts.jsonl")
+        self.runs_w = JsonlWriter(out / BATCH_RUNS)
+        self.ar_out, self.rank, self.after_prompt = ar_out, rank, after_prompt
+        self.failed = 0
+
+    def prompt(self, name: str, batch_size: int, p: Prompt, fields: dict, steps: list[dict]) -> None:
+        base = dict(drafter=name, prompt_id=p.prompt_id, category=p.category, suite=p.suite, rank=self.rank,
+                    batch_size=batch_size)
+        if fields.get("failed"):
+            self.failed += 1
+            tqdm.write(f"spec-harness: {name} failed on prompt {p.prompt_id}: {fields['failed']}")
+            self.prompts_w.write({**base, **fields, "diverged": None})
+        else:
+            self.steps_w.write_many({**base, **s} for s in steps)
+            if name == "ar":
+                self.ar_out[p.prompt_id] = fields["output_ids"]
+            diverged = None if name == "ar" or p.prompt_id not in self.ar_out else fields["output_ids"] != self.ar_out[p.prompt_id]
+            self.prompts_w.write({**base, **fields, "diverged": diverged})
+        if self.after_prompt is not None:
+            self.after_prompt()
+
+    def close(self) -> None:
+        for w in (self.steps_w, self.prompts_w, self.runs_w):
+            w.close()
+
+
 def run(cfg: RunConfig, out: Path | None = None, rank: int = 0, world: int = 1, after_prompt=None) -> Path:
     """Decodes the suite into the run folder. harness.distributed passes `out` (the rank's shard folder),
     `rank` and `world`: this process then decodes prompts[rank::world] only, and calls `after_prompt()`
-    after each finished prompt record."""
+    after each finished prompt record.
+
+    Every drafter of ours runs through the scheduler (harness.engine.scheduler). At --batch-size 1 the
+    prompts are interleaved (prompt 1 for every drafter, then prompt 2, ...), so an interrupted run has
+    every drafter on its first prompts; at larger batch sizes, with --k auto or a calibration, each
+    drafter decodes all its prompts in one batched run (batch_runs.jsonl records it). A prompt that fails
+    is recorded with its reason and the run goes on; `--resume` retries it."""
     validate(cfg)
     prompts = load_suite(cfg.suite, limit=cfg.limit, per_category=cfg.per_category)
     if not prompts:
@@ -170,55 +187,103 @@ def run(cfg: RunConfig, out: Path | None = None, rank: int = 0, world: int = 1, 
     cfg.fast = resolve_fast(cfg.fast, target)
     if cfg.fast:
         target = enable_fast(target, mode=cfg.fast_mode)
-    # -- end fast path --
     names = ["ar"] + [d for d in cfg.drafters if d != "ar"] if "ar" in cfg.drafters else list(cfg.drafters)
     drafters = {name: build_drafter(name, target, cfg) for name in names}
-    if cfg.fast:  # harness.engine.fast: drafters that run a native model of their own replay graphs too
+    if cfg.fast:  # drafters that run a native model of their own replay graphs too
         drafters = {name: enable_fast_drafter(d, cfg.fast_mode) for name, d in drafters.items()}
+    B = cfg.batch_size
+    if B > 1:
+        for name, drafter in drafters.items():
+            if is_peer(drafter):
+                raise UserError(f"{name} (a peer) decodes one sequence at a time: drop it or use --batch-size 1")
     meter = _meter(cfg, target)
     make_run_dir(cfg, out)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
     (out / "env.json").write_text(json.dumps(environment(cfg, target), indent=2))
     done, ar_out = _finished(out)
     eos = eos_ids(target)
-    todo = [(p, n) for p in prompts for n in names if (n, p.prompt_id) not in done]
-    # -- batched decoding, --k auto and calibrated runs (harness.engine.scheduler): own warm-up, loop and records --
-    if cfg.batch_size > 1 or cfg.extra.get("k_auto") or cfg.extra.get("calibration"):
-        from harness.engine.scheduler import run_batched
-        return run_batched(cfg, target, drafters, prompts, done, ar_out, eos, out, meter, rank=rank,
-                           after_prompt=after_prompt)
-    # -- end batched --
-    if todo and cfg.warmup:
-        for name in names:  # warm-up: not recorded
-            for p in prompts[:cfg.warmup]:
-                run_prompt(cfg, target, drafters[name], p, eos, meter=None, max_new=min(16, cfg.max_new_tokens))
-        if cfg.fast:  # harness.engine.fast: capture every chain length now rather than inside a timed prompt
-            precapture(target, drafters.values(), cfg.k)
-    steps_w, prompts_w = JsonlWriter(out / "steps.jsonl"), JsonlWriter(out / "prompts.jsonl")
-    totals = {n: [0, 0.0, 0, 0] for n in names}  # new tokens, wall, emitted, steps
+    rec = Records(out, ar_out, rank, after_prompt)
     try:
-        bar = tqdm(todo, desc="decoding" if world == 1 else f"decoding rank {rank}", unit="prompt", dynamic_ncols=True)
-        for p, name in bar:
-            fields, steps = run_prompt(cfg, target, drafters[name], p, eos, meter=None if is_peer(drafters[name]) else meter)
-            base = dict(drafter=name, prompt_id=p.prompt_id, category=p.category, suite=p.suite, rank=rank,
-                        batch_size=1)
-            steps_w.write_many({**base, **s} for s in steps)
-            if name == "ar":
-                ar_out[p.prompt_id] = fields["output_ids"]
-            diverged = None if name == "ar" or p.prompt_id not in ar_out else fields["output_ids"] != ar_out[p.prompt_id]
-            prompts_w.write({**base, **fields, "diverged": diverged})
-            if after_prompt is not None:
-                after_prompt()
-            t = totals[name]
-            t[0] += fields["new_tokens"]
-            t[1] += fields["wall_s"]
-            t[2] += sum(s["emitted"] for s in steps)
-            t[3] += len(steps)
-            bar.set_postfix_str(f"{name} {t[0] / max(t[1], 1e-9):.1f} tok/s tau {t[2] / max(t[3], 1):.2f}")
+        if B > 1 or cfg.extra.get("k_auto") or cfg.extra.get("calibration"):
+            _run_batched(cfg, target, drafters, prompts, done, eos, rec, meter)
+        else:
+            _run_interleaved(cfg, target, drafters, prompts, done, eos, rec, meter, rank, world)
     finally:
-        steps_w.close()
-        prompts_w.close()
+        rec.close()
+    divergences(out, target, cfg, prompts)  # outside every timed region
     return out
+
+
+def _run_interleaved(cfg, target, drafters, prompts, done, eos, rec, meter, rank, world) -> None:
+    todo = [(p, n) for p in prompts for n in drafters if (n, p.prompt_id) not in done]
+    if todo and cfg.warmup:
+        for name, drafter in drafters.items():  # warm-up: not recorded
+            for p in prompts[:cfg.warmup]:
+                run_prompt(cfg, target, drafter, p, eos, max_new=min(16, cfg.max_new_tokens), name=name)
+        if cfg.fast:  # capture every chain length now rather than inside a timed prompt
+            precapture(target, drafters.values(), cfg.k)
+    totals = {n: [0, 0.0, 0, 0] for n in drafters}  # new tokens, wall, emitted, steps
+    bar = tqdm(todo, desc="decoding" if world == 1 else f"decoding rank {rank}", unit="prompt", dynamic_ncols=True)
+    for p, name in bar:
+        drafter = drafters[name]
+        fields, steps = run_prompt(cfg, target, drafter, p, eos, meter=None if is_peer(drafter) else meter,
+                                   name=name)
+        rec.prompt(name, 1, p, fields, steps)
+        t = totals[name]
+        t[0] += fields["new_tokens"]
+        t[1] += fields["wall_s"]
+        t[2] += sum(s["emitted"] for s in steps)
+        t[3] += len(steps)
+        bar.set_postfix_str(f"{name} {t[0] / max(t[1], 1e-9):.1f} tok/s tau {t[2] / max(t[3], 1):.2f}")
+
+
+def _run_batched(cfg, target, drafters, prompts, done, eos, rec, meter) -> None:
+    """Per drafter (ar first): resolve K and the prediction (harness.calibrate), warm up at the run's batch
+    shape, decode the unfinished prompts in one batched run, record it in batch_runs.jsonl."""
+    from harness.calibrate import plan_for_run
+
+    B = cfg.batch_size
+    for name, drafter in drafters.items():
+        todo = [p for p in prompts if (name, p.prompt_id) not in done]
+        if not todo:
+            continue
+        k, prediction = plan_for_run(cfg, target, drafter, name, rec.out)
+        dcfg = dataclasses.replace(cfg, k=k)
+        bar = tqdm(total=len(todo), desc=f"{name} B={B} K={k}", unit="prompt", dynamic_ncols=True)
+        new_tokens = [0]
+
+        def finish(p, fields, steps, name=name, bar=bar, new_tokens=new_tokens):
+            rec.prompt(name, B, p, fields, steps)
+            new_tokens[0] += fields["new_tokens"]
+            bar.update(1)
+
+        if is_peer(drafter):  # batch 1 only (refused above otherwise)
+            t0 = time.perf_counter()
+            for p in todo:
+                fields, steps = run_prompt(dcfg, target, drafter, p, eos, name=name)
+                finish(p, fields, steps)
+            wall = time.perf_counter() - t0
+        else:
+            kw = dict(name=name, batch_size=B, k=k, temperature=cfg.temperature, seed=cfg.seed, eos_ids=eos,
+                      verify_backend=cfg.verify_backend)
+            if cfg.warmup:  # one batch of short answers at the run's batch shape, not recorded
+                Scheduler(target, drafter, max_new_tokens=min(16, cfg.max_new_tokens), **kw).run(prompts[:B])
+            wall = Scheduler(target, drafter, max_new_tokens=cfg.max_new_tokens, new_meter=_meter_factory(meter, k),
+                             on_finish=finish, on_fail=lambda p, reason, f, finish=finish: finish(p, {**f, "failed": reason}, []),
+                             **kw).run(todo)
+        bar.close()
+        rec.runs_w.write(dict(drafter=name, suite=cfg.suite, batch_size=B, k=0 if name == "ar" else k,
+                              k_auto=bool(cfg.extra.get("k_auto")) and name != "ar", prompts=len(todo),
+                              new_tokens=new_tokens[0], wall_s=wall,
+                              tok_s_total=new_tokens[0] / wall if wall else math.nan, **(prediction or {})))
+
+
+def _meter_factory(meter, k: int):
+    """Fresh batch-1 meters like the run's (each row keeps its own), deep enough for K."""
+    if meter is None:
+        return None
+    kind = type(meter)
+    return lambda: kind(meter.device, meter.max_steps, max(k, meter.max_depth), enabled=meter.enabled, base=meter.base)
 
 
 def _meter(cfg: RunConfig, target):
@@ -239,6 +304,8 @@ def _finished(out: Path):
     records of unfinished prompts (they will be decoded again)."""
     done, ar_out = set(), {}
     for rec in read_jsonl(out / "prompts.jsonl"):
+        if rec.get("failed"):
+            continue  # retried
         done.add((rec["drafter"], rec["prompt_id"]))
         if rec["drafter"] == "ar":
             ar_out[rec["prompt_id"]] = rec["output_ids"]
@@ -248,8 +315,8 @@ def _finished(out: Path):
         with open(steps_path, "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r, separators=(",", ":")) + "\n" for r in kept)
     prompts_path = out / "prompts.jsonl"
-    if prompts_path.exists():  # rewrite without a truncated last line
-        recs = list(read_jsonl(prompts_path))
+    if prompts_path.exists():  # rewrite without a truncated last line and without failed prompts
+        recs = [r for r in read_jsonl(prompts_path) if not r.get("failed")]
         with open(prompts_path, "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r, separators=(",", ":")) + "\n" for r in recs)
     return done, ar_out

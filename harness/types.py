@@ -21,6 +21,10 @@ class Proposal:
     q: the drafter's distribution that each draft token was drawn from, or None (one-hot drafter).
        chain: [B, K, V], q[b, j] is the distribution of tokens[b, j];
        tree:  [B, T, V], q[b, n] is the distribution the children of node n were drawn from.
+    num_draft_host: num_draft as a host list, when the drafter computed it on the host (ngram): ragged
+       chains then need no device read.
+    bounds: trees only, (max depth, max children of a node) over the batch, host ints known from the
+       tree's shape; the engine passes them to the verifier so that it reads nothing back.
     """
 
     tokens: torch.Tensor
@@ -29,6 +33,8 @@ class Proposal:
     parents: torch.Tensor | None = None
     num_nodes: torch.Tensor | None = None
     depth: torch.Tensor | None = None
+    num_draft_host: list[int] | None = None
+    bounds: tuple[int, int] | None = None
 
     @property
     def is_tree(self) -> bool:

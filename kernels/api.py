@@ -29,7 +29,7 @@ def _use_triton(backend: str, device: torch.device) -> bool:
 
 
 def verify_chain(logits, cu_num_draft, draft_ids, draft_probs, temperature, seeds, positions, *,
-                 backend: str = "auto", uniforms=None, noise=None) -> ChainResult:
+                 backend: str = "auto", uniforms=None, noise=None, kmax: int | None = None) -> ChainResult:
     """Verify B draft chains against the target in one call.
 
     logits [N + B, V]: request b owns drafts cu[b] .. cu[b+1]-1 and target rows cu[b]+b .. cu[b+1]+b
@@ -37,8 +37,11 @@ def verify_chain(logits, cu_num_draft, draft_ids, draft_probs, temperature, seed
     cu_num_draft [B + 1] int64, draft_ids [N] int64, draft_probs [N, V] or None (one-hot drafter),
     temperature [B] (0 = greedy), seeds [B] int64, positions [B] int64 (position of the first draft).
     uniforms [N] / noise [N + B, V]: optional injected accept uniforms / Gumbel noise (tests).
+    kmax: an upper bound on every K_b from a trusted caller; skips the checks' one host read (the values
+    are then not validated, only shapes, dtypes and devices).
     """
-    inp = check_chain(logits, cu_num_draft, draft_ids, draft_probs, temperature, seeds, positions, uniforms, noise)
+    inp = check_chain(logits, cu_num_draft, draft_ids, draft_probs, temperature, seeds, positions, uniforms, noise,
+                      kmax)
     if _use_triton(backend, inp.logits.device):
         from .chain import verify_chain_triton
 
@@ -47,14 +50,18 @@ def verify_chain(logits, cu_num_draft, draft_ids, draft_probs, temperature, seed
 
 
 def verify_tree(logits, tokens, parents, num_nodes, draft_probs, temperature, seeds, positions, *,
-                backend: str = "auto", uniforms=None, noise=None) -> TreeResult:
+                backend: str = "auto", uniforms=None, noise=None,
+                bounds: tuple[int, int] | None = None) -> TreeResult:
     """Verify B draft trees (node 0 = root = last emitted token; row n scores the children of node n).
 
     logits [B, T, V], tokens [B, T], parents [B, T] (parents[:, 0] = -1, parent < child), num_nodes [B],
     draft_probs [B, T, V] or None, temperature/seeds/positions [B] (positions = depth-1 position).
     uniforms [B, T] (accept test of node n) / noise [B, T, V] (draw at row n): optional injection.
+    bounds: (max depth, max children of a node) from a trusted caller; skips the checks' host read of the
+    tree (its structure is then not validated).
     """
-    inp = check_tree(logits, tokens, parents, num_nodes, draft_probs, temperature, seeds, positions, uniforms, noise)
+    inp = check_tree(logits, tokens, parents, num_nodes, draft_probs, temperature, seeds, positions, uniforms, noise,
+                     bounds)
     if _use_triton(backend, inp.logits.device):
         from .tree import verify_tree_triton
 

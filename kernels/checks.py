@@ -71,7 +71,7 @@ class TreeInputs:
     positions: torch.Tensor  # [B] int64
     uniforms: torch.Tensor | None  # [B, T] float32
     noise: torch.Tensor | None  # [B, T, V] float32
-    depth: torch.Tensor  # [B, T] int64 on the CPU (-1 for padding)
+    depth: torch.Tensor | None  # [B, T] int64 on the CPU (-1 for padding); None from a trusted caller
     B: int
     T: int
     V: int
@@ -93,7 +93,7 @@ def _common_per_request(B: int, temperature, seeds, positions) -> tuple[torch.Te
 
 
 def check_chain(logits, cu_num_draft, draft_ids, draft_probs, temperature, seeds, positions, uniforms,
-                noise) -> ChainInputs:
+                noise, kmax: int | None = None) -> ChainInputs:
     logits = _tensor("logits", logits)
     cu = _tensor("cu_num_draft", cu_num_draft)
     draft_ids = _tensor("draft_ids", draft_ids)
@@ -129,6 +129,9 @@ def check_chain(logits, cu_num_draft, draft_ids, draft_probs, temperature, seeds
                  temperature=temperature, seeds=seeds, positions=positions, uniforms=uniforms, noise=noise)
     cu = cu.long().contiguous()
     draft_ids = draft_ids.long().contiguous()
+    if kmax is not None:  # a trusted caller (the engine) bounds the chain length: no host read
+        return ChainInputs(logits, cu, draft_ids, draft_probs, temperature, seeds, positions, uniforms, noise,
+                           B, N, V, int(kmax))
     counts = cu[1:] - cu[:-1]
     zero = torch.zeros((), dtype=torch.int64, device=cu.device)
     bad_ids = ((draft_ids < 0) | (draft_ids >= V)).any().long() if N else zero
@@ -148,7 +151,7 @@ def check_chain(logits, cu_num_draft, draft_ids, draft_probs, temperature, seeds
 
 
 def check_tree(logits, tokens, parents, num_nodes, draft_probs, temperature, seeds, positions, uniforms,
-               noise) -> TreeInputs:
+               noise, bounds: tuple[int, int] | None = None) -> TreeInputs:
     logits = _tensor("logits", logits)
     tokens = _tensor("tokens", tokens)
     parents = _tensor("parents", parents)
@@ -183,6 +186,10 @@ def check_tree(logits, tokens, parents, num_nodes, draft_probs, temperature, see
     tokens = tokens.long().contiguous()
     parents = parents.long().contiguous()
     num_nodes = num_nodes.long().contiguous()
+    if bounds is not None:  # a trusted caller (the engine) gives (max depth, max children): no host read
+        dmax, max_children = bounds
+        return TreeInputs(logits, tokens, parents, num_nodes, draft_probs, temperature, seeds, positions, uniforms,
+                          noise, None, B, T, V, int(dmax), int(max_children))
     # The one host read: the tree structure (small) and the temperatures.
     bad_t = (~(temperature >= 0) | torch.isinf(temperature)).long()
     host = torch.cat([parents.reshape(-1), tokens.reshape(-1), num_nodes, bad_t]).cpu()

@@ -81,7 +81,7 @@ def test_calibrate_cli_end_to_end(tiny_dir, tmp_path, capsys):
 
 
 def test_run_with_k_auto_measures_and_reports(tiny_dir, tmp_path):
-    from harness.engine.scheduler import batch_summary
+    from harness.reports.summary import batch_summary
     from harness.runner import run
 
     cfg = RunConfig(target=str(tiny_dir), backend="native", drafters=("ar", "ngram"), suite="calibration", limit=3,

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from harness.engine.step import decode
+from harness.engine.scheduler import decode
 from harness.drafters.ar import AR
 from harness.drafters.model import ARDraftModel, check_same_vocab, layerskip
 from harness.drafters.ngram import NGram, lookup

@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_model
 
 from harness.config import RunConfig
-from harness.engine.step import decode
+from harness.engine.scheduler import decode
 from harness.drafters.ar import AR
 from harness.drafters.eagle import EagleDrafter, TreeShape, build_eagle, tree_shape
 from harness.errors import UserError
@@ -269,7 +269,7 @@ def test_build_eagle_finds_heads_and_reads_tree_flags(tmp_path):
 @pytest.mark.slow
 def test_shipped_smollm2_head_is_lossless_and_accepts():
     from harness.drafters import build_drafter
-    from harness.runner import eos_ids, prompt_ids
+    from harness.targets.chat import eos_ids, prompt_ids
     from harness.suites import load_suite
     from harness.targets import load_target
 

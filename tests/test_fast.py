@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from harness.engine.step import decode
+from harness.engine.scheduler import decode
 from harness.drafters.ar import AR
 from harness.drafters.base import Drafter
 from harness.drafters.model import layerskip

@@ -10,7 +10,7 @@ from test_eagle import PROMPT, oracle_head, one_layer_model
 
 from harness.cli import main
 from harness.training.corpus import _shingles, build_corpus, suite_shingles
-from harness.engine.step import decode
+from harness.engine.scheduler import decode
 from harness.drafters.ar import AR
 from harness.drafters.eagle import EagleDrafter, TreeShape
 from harness.drafters.heads import Frozen, load_head

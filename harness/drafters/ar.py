@@ -12,7 +12,7 @@ class AR(Drafter):
     def propose(self, ctx: DraftContext) -> Proposal:
         B = len(ctx.history)
         return Proposal(tokens=torch.zeros(B, 0, dtype=torch.long, device=ctx.device),
-                        num_draft=torch.zeros(B, dtype=torch.long))
+                        num_draft=torch.zeros(B, dtype=torch.long, device=ctx.device), num_draft_host=[0] * B)
 
     def begin_row(self, ctx: DraftContext, b: int) -> None:
         """No per-row state."""

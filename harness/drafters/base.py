@@ -1,12 +1,12 @@
 """The drafter protocol. A drafter never holds the target: the runner hands it the committed tokens and
 the target hidden states it asked for (`hidden_layers`), and tells it what verification kept.
 
-Life of a drafter over one prompt (batch of B sequences):
-    begin(ctx)                 after the target's prefill
-    propose(ctx) -> Proposal   each step: K draft tokens per sequence (a chain) or a tree
-    observe(ctx, out)          after verification: what each sequence committed
-Batches that change members (harness.engine.scheduler) also call begin_row(ctx, b) when a sequence joins row b
-and keep_rows(rows) when finished sequences leave.
+Life of a drafter over a batched run of B rows (harness.engine; batch 1 is B = 1):
+    begin(ctx)                 once, after the first rows were prefilled
+    begin_row(ctx, b)          a sequence, or its next turn, joined row b (the target prefilled it)
+    propose(ctx) -> Proposal   each step: draft tokens for every row, as chains or trees
+    observe(ctx, out)          after verification: what each row committed
+    keep_rows(rows)            finished rows left: row i takes what row rows[i] held
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.errors import UserError
 from harness.types import Proposal
 
 
@@ -37,6 +36,9 @@ class DraftContext:
     device: torch.device
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     hidden_valid: torch.Tensor | None = None
+    verify_keys: torch.Tensor | None = None  # [B] int64: each row's verification key (harness.seeds)
+    draft_keys: torch.Tensor | None = None  # [B] int64: each row's key for the drafter's own draws
+    prefill_hidden: dict[int, torch.Tensor] | None = None  # begin_row: the row's prefill, layer -> [1, P, H]
 
 
 @dataclass
@@ -65,24 +67,29 @@ class Drafter(ABC):
         """Called after verification with what each sequence kept."""
 
     def begin_row(self, ctx: DraftContext, b: int) -> None:
-        """Batches (harness.engine.scheduler): a new sequence, or the next turn of one, took row b after the target
-        prefilled that row; ctx.history[b] is its context and ctx.prefill_hidden its prefill's hidden
-        states (layer -> [1, T, H]). Drafters that decode batches override this and `keep_rows`."""
-        raise UserError(f"the {self.name} drafter does not decode batches: use --batch-size 1")
+        """A new sequence, or the next turn of one, took row b after the target prefilled that row;
+        ctx.history[b] is its context and ctx.prefill_hidden its prefill's hidden states (layer ->
+        [1, P, H]). Drafters without per-row state need not override it."""
 
     def keep_rows(self, rows: list[int]) -> None:
-        """Batches: finished sequences left; row i now holds what row rows[i] held (len(rows) rows)."""
-        raise UserError(f"the {self.name} drafter does not decode batches: use --batch-size 1")
+        """Finished sequences left; row i now holds what row rows[i] held (len(rows) rows)."""
 
 
-def sample_or_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None):
-    """Returns (token [..], q [.., V]): q = softmax(logits / t) with t = temperature, or 1 when greedy
-    (the meter reads q at the temperature-1 distribution then; the greedy token is the argmax)."""
+def sample_or_argmax(logits: torch.Tensor, temperature: float, keys: torch.Tensor | None = None,
+                     positions: torch.Tensor | None = None, stream: int = 2):
+    """Returns (token [B, ..], q [B, .., V]): q = softmax(logits / t) with t = temperature, or 1 when greedy
+    (the meter reads q at the temperature-1 distribution then; the greedy token is the argmax). At
+    temperature > 0 the token is argmax(log q + Gumbel noise keyed by keys [B] and positions [B]):
+    an exact draw from q, on the device, from the row's own stream (harness.seeds)."""
     t = temperature if temperature > 0 else 1.0
     q = torch.softmax(logits.float() / t, dim=-1)
     if temperature > 0:
-        flat = q.reshape(-1, q.shape[-1])
-        tok = torch.multinomial(flat, 1, generator=generator).view(q.shape[:-1])
+        from harness.seeds import gumbel
+
+        V = q.shape[-1]
+        extra = q.shape[1:-1].numel() if q.dim() > 2 else 1
+        g = gumbel(keys.repeat_interleave(extra), positions.repeat_interleave(extra), V, stream)  # [B*extra, V]
+        tok = (torch.log(q).reshape(-1, V) + g).argmax(-1).view(q.shape[:-1])
     else:
         tok = logits.argmax(-1)
     return tok, q

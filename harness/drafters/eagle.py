@@ -108,8 +108,8 @@ class EagleDrafter(Drafter):
         return self.head.to_target_vocab(self.head.logits(out, self.frozen))  # [.., V]
 
     def _span(self) -> int:
-        """Attention span for the whole step: committed rows, pending rows and draft rows (one host read)."""
-        need = int(self.lengths.max()) + self.pending[0].shape[1] + self.room
+        """Attention span for the whole step: committed rows, pending rows and draft rows (host mirror)."""
+        need = max(self.lengths_host) + self.pending[0].shape[1] + self.room
         if need > self.max_len:
             raise UserError(f"the eagle head's cache ({self.max_len} slots) is full: raise --max-len")
         return need
@@ -117,6 +117,7 @@ class EagleDrafter(Drafter):
     # -- protocol ------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def begin(self, ctx: DraftContext) -> None:
+        """Allocates the head's cache for the batch's rows; each row is filled by begin_row."""
         B = len(ctx.history)
         s = self.head.cfg
         shape = (B, s.num_kv_heads, self.max_len, s.head_dim)
@@ -125,24 +126,69 @@ class EagleDrafter(Drafter):
             self.k_cache = torch.zeros(shape, device=self.device, dtype=dtype)
             self.v_cache = torch.zeros(shape, device=self.device, dtype=dtype)
         self.lengths = torch.zeros(B, dtype=torch.long, device=self.device)
-        self.generator = torch.Generator(device=self.device).manual_seed(ctx.seed)
-        hidden = getattr(ctx, "prefill_hidden", None) or ctx.hidden  # the prompt's rows
-        P = len(ctx.history[0]) - 1
-        if any(len(h) - 1 != P for h in ctx.history) or next(iter(hidden.values())).shape[1] != P:
-            raise RuntimeError("eagle drafters need the prefill's hidden states of equal-length prompts")
-        ids = torch.tensor([h[1:] for h in ctx.history], dtype=torch.long, device=self.device)  # x_1 .. x_P
-        self.pending = (ids, self.head.features(hidden), torch.full((B,), P, device=self.device))
+        self.lengths_host = [0] * B
+        H = self.head.cfg.hidden_size
+        self.pending = (torch.zeros(B, 1, dtype=torch.long, device=self.device),
+                        torch.zeros(B, 1, H, dtype=self.frozen.embed.dtype, device=self.device),
+                        torch.zeros(B, dtype=torch.long, device=self.device), [0] * B)
+
+    @torch.inference_mode()
+    def begin_row(self, ctx: DraftContext, b: int) -> None:
+        """Row b starts over: its head cache empties and its pending rows are the prompt's (x_1 .. x_P
+        with the prefill's features)."""
+        history = ctx.history[b]
+        P = len(history) - 1
+        ids, feats, n, n_host = self.pending
+        lengths = self.lengths.clone()
+        lengths[b] = 0
+        self.lengths = lengths
+        self.lengths_host[b] = 0
+        hidden = ctx.prefill_hidden
+        if P < 1 or not hidden:  # a parked row: nothing to feed
+            n = n.clone()
+            n[b] = 0
+            n_host = n_host[:b] + [0] + n_host[b + 1:]
+            self.pending = (ids, feats, n, n_host)
+            return
+        row_feats = self.head.features({h: v[:, -P:] for h, v in hidden.items()})[0]  # [P, H]
+        T = max(ids.shape[1], P)
+        if T > ids.shape[1]:  # widen every row's pending to the new row's prompt
+            ids = F.pad(ids, (0, T - ids.shape[1]))
+            feats = F.pad(feats, (0, 0, 0, T - feats.shape[1]))
+        else:
+            ids, feats = ids.clone(), feats.clone()
+        ids[b, :P] = torch.tensor(history[1:], dtype=torch.long, device=self.device)
+        feats[b, :P] = row_feats.to(feats.dtype)
+        n = n.clone()
+        n[b] = P
+        self.pending = (ids, feats, n, n_host[:b] + [P] + n_host[b + 1:])
+
+    @torch.inference_mode()
+    def keep_rows(self, rows: list[int]) -> None:
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        moved = [(i, r) for i, r in enumerate(rows) if r != i]
+        if moved:
+            dst = torch.tensor([i for i, _ in moved], device=self.device)
+            src = torch.tensor([r for _, r in moved], device=self.device)
+            for cache in (self.k_cache, self.v_cache):  # [B, Hkv, S, D]
+                cache[dst] = cache[src]
+        self.k_cache, self.v_cache = self.k_cache[:len(rows)], self.v_cache[:len(rows)]
+        self.lengths = self.lengths[idx]
+        self.lengths_host = [self.lengths_host[r] for r in rows]
+        ids, feats, n, n_host = self.pending
+        self.pending = (ids[idx], feats[idx], n[idx], [n_host[r] for r in rows])
 
     def _feed_pending(self, S: int) -> torch.Tensor:
         """Feeds the committed rows not yet in the head's cache; returns the output of each sequence's last
         row [B, H], which scores the tokens after the last emitted one."""
-        ids, feats, n = self.pending
+        ids, feats, n, n_host = self.pending
         B, T = ids.shape
         slots = self.lengths[:, None] + torch.arange(T, device=self.device)[None, :]  # [B, T]
         mask = causal_or_tree_mask(self.lengths, T, S, None)
         out = self._run(ids, feats, slots, slots, mask)
         self.lengths = self.lengths + n
-        return out[torch.arange(B, device=self.device), n - 1]
+        self.lengths_host = [a + b for a, b in zip(self.lengths_host, n_host)]
+        return out[torch.arange(B, device=self.device), (n - 1).clamp(min=0)]
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> Proposal:
@@ -160,8 +206,8 @@ class EagleDrafter(Drafter):
         ids = torch.zeros(B, Tk, dtype=torch.long)
         for b, em in enumerate(committed.emitted):
             ids[b, :len(em)] = torch.tensor(em)
-        n = torch.tensor([len(em) for em in committed.emitted], device=self.device)
-        self.pending = (ids.to(self.device), feats, n)
+        n_host = [len(em) for em in committed.emitted]
+        self.pending = (ids.to(self.device), feats, torch.tensor(n_host, device=self.device), n_host)
 
     # -- chains ---------------------------------------------------------------------------------------------
     def _chain(self, ctx: DraftContext, out: torch.Tensor, S: int) -> Proposal:
@@ -173,7 +219,7 @@ class EagleDrafter(Drafter):
         feat = out  # [B, H]
         toks, qs = [], []
         for j in range(K):
-            tok, q = sample_or_argmax(self._logits(feat), ctx.temperature, self.generator)  # [B], [B, V]
+            tok, q = sample_or_argmax(self._logits(feat), ctx.temperature, ctx.draft_keys, base + j)  # [B], [B, V]
             toks.append(tok)
             qs.append(q)
             if j + 1 < K:
@@ -185,7 +231,7 @@ class EagleDrafter(Drafter):
     # -- EAGLE-2 trees --------------------------------------------------------------------------------------
     def _tree(self, ctx: DraftContext, out: torch.Tensor, S: int) -> Proposal:
         greedy = self._greedy_tree(out, S)
-        return greedy if ctx.temperature == 0 else self._sample_into(greedy, out, S, ctx.temperature)
+        return greedy if ctx.temperature == 0 else self._sample_into(greedy, out, S, ctx.temperature, ctx.draft_keys)
 
     def _greedy_tree(self, out: torch.Tensor, S: int) -> Proposal:
         """EAGLE-2: expand a beam of the k best nodes per depth by cumulative log q, each with its k best
@@ -241,51 +287,88 @@ class EagleDrafter(Drafter):
         zero = torch.zeros(B, 1, dtype=torch.long, device=dev)
         return Proposal(tokens=torch.cat([zero, tok.gather(1, sel)], 1), q=q,
                         parents=torch.cat([zero - 1, parents], 1), depth=torch.cat([zero, depth.gather(1, sel)], 1),
-                        num_nodes=torch.full((B,), N + 1, dtype=torch.long, device=dev))
+                        num_nodes=torch.full((B,), N + 1, dtype=torch.long, device=dev), bounds=(D, k))
 
-    def _sample_into(self, greedy: Proposal, out: torch.Tensor, S: int, temperature: float) -> Proposal:
+    def _sample_into(self, greedy: Proposal, out: torch.Tensor, S: int, temperature: float,
+                     keys: torch.Tensor) -> Proposal:
         """Temperature > 0: the greedy tree's shape (a function of the context alone) with tokens drawn into
         it: the children of each node are drawn without replacement from q = softmax(head logits / T) at
-        that (drawn) node, in node order. The multi-draft verifier is then exact."""
-        if out.shape[0] != 1:
-            raise UserError("eagle trees at temperature > 0 decode one sequence at a time: use --batch-size 1")
-        dev = self.device
-        parents, depth = greedy.parents[0].tolist(), greedy.depth[0].tolist()
-        T, D = len(parents), max(depth)
-        kids = [[c for c in range(1, T) if parents[c] == n] for n in range(T)]
-        tokens = torch.zeros(T, dtype=torch.long, device=dev)
-        q = torch.zeros(T, self.frozen.embed.shape[0], device=dev)
-        q[0] = torch.softmax(self._logits(out[0]).float() / temperature, -1)
-        self._draw(q[0], kids[0], tokens)
-        outputs, rows = {0: out[0]}, {}  # head output at a node; head row of a fed node
-        R = self.room
-        vis_rows = torch.zeros(R, R, dtype=torch.bool, device=dev)
+        that (drawn) node, in node order (Gumbel top-k keyed by the row's draft key, the node's position
+        and index). The multi-draft verifier is then exact. A node never gets more children than tokens
+        with q > 0: the extra children (and their subtrees) are dropped and the tree compacted, so rows
+        may end up with fewer nodes (num_nodes). All on the device, for every row at once: at each depth
+        the (at most k) nodes with children are fed to the head in k fixed rows."""
+        D, k = self.tree.depth, self.tree.top_k
+        dev, (B, T) = self.device, greedy.parents.shape
+        V = self.frozen.embed.shape[0]
+        parents, depth = greedy.parents, greedy.depth  # [B, T]
+        node = torch.arange(T, device=dev)
+        child_of = (parents[:, :, None] == node[None, None, :])  # [B, T(child), T(parent)]
+        has_kids = child_of.any(1)  # [B, T]
+        same = parents[:, :, None] == parents[:, None, :]
+        rank = (same & (node[None, :, None] > node[None, None, :])).sum(-1)  # [B, T]: earlier siblings
         base = self.lengths
-        for d in range(1, D):
-            fed = [n for n in range(1, T) if depth[n] == d and kids[n]]
-            if not fed:
-                break
-            for n in fed:
-                r = rows[n] = len(rows)
-                vis_rows[r] = vis_rows[rows[parents[n]]] if parents[n] else False
-                vis_rows[r, r] = True
-            idx = torch.tensor([rows[n] for n in fed], device=dev)
-            h = self._run(tokens[fed][None], torch.stack([outputs[parents[n]] for n in fed])[None],
-                          (base + d - 1)[:, None].expand(1, len(fed)), base[:, None] + idx[None],
-                          region_mask(base, vis_rows[idx][None], S))[0]  # [len(fed), H]
-            for i, n in enumerate(fed):
-                outputs[n] = h[i]
-                q[n] = torch.softmax(self._logits(h[i]).float() / temperature, -1)
-                self._draw(q[n], kids[n], tokens)
-        return Proposal(tokens=tokens[None], q=q[None], parents=greedy.parents, depth=greedy.depth,
-                        num_nodes=greedy.num_nodes)
+        tokens = torch.zeros(B, T, dtype=torch.long, device=dev)
+        q = torch.zeros(B, T, V, device=dev)
+        alive = torch.ones(B, T, dtype=torch.bool, device=dev)
 
-    def _draw(self, q: torch.Tensor, children: list[int], tokens: torch.Tensor) -> None:
-        """Draws len(children) tokens from q [V] without replacement (Gumbel top-k: in draw order)."""
-        if children:
-            u = torch.rand(q.shape, generator=self.generator, device=q.device).clamp_(min=1e-20)
-            keys = torch.log(q) - torch.log(-torch.log(u))
-            tokens[children] = keys.topk(len(children)).indices
+        def draw(qn: torch.Tensor, at: torch.Tensor, ok: torch.Tensor) -> None:
+            # qn [B, k', V] at the nodes at [B, k'] (ok: real nodes); their children get ranked tokens
+            kk = qn.shape[1]
+            pos = ((base[:, None] + depth.gather(1, at)) * T + at).reshape(-1)  # one stream per node
+            from harness.seeds import gumbel
+            g = gumbel(keys.repeat_interleave(kk), pos, V).view(B, kk, V)
+            ranked = (torch.log(qn) + g).topk(k, dim=-1).indices  # [B, k', k] draw order
+            nnz = (qn > 0).sum(-1)  # [B, k']
+            for i in range(kk):  # k' <= k columns: fixed, not data-dependent
+                mine = (parents == at[:, i:i + 1]) & ok[:, i:i + 1] & (node[None, :] > 0)  # [B, T] its children
+                r = rank.clamp(max=k - 1)
+                tok = ranked[:, i].gather(1, r)  # [B, T]
+                tokens.copy_(torch.where(mine, tok, tokens))
+                alive.copy_(alive & ~(mine & (rank >= nnz[:, i:i + 1])))
+
+        q_root = torch.softmax(self._logits(out).float() / temperature, -1)  # [B, V]
+        q[:, 0] = q_root
+        zero = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        draw(q_root[:, None], zero, torch.ones(B, 1, dtype=torch.bool, device=dev))
+        R = max((D - 1) * k, 1)
+        vis_rows = torch.zeros(B, R, R, dtype=torch.bool, device=dev)
+        out_rows = out.new_zeros(B, R, out.shape[-1])  # head output of each fed row
+        row_of = torch.full((B, T), -1, dtype=torch.long, device=dev)  # head row of a fed node
+        for d in range(1, D):
+            fed_mask = has_kids & (depth == d)  # [B, T]
+            score = torch.where(fed_mask, T - node[None, :], 0)
+            fed = score.topk(k, dim=1).indices  # [B, k] node indices (dummies where fewer)
+            ok = fed_mask.gather(1, fed)
+            rows = torch.arange((d - 1) * k, d * k, device=dev).expand(B, k)
+            row_of.scatter_(1, fed, torch.where(ok, rows, row_of.gather(1, fed)))
+            par = parents.gather(1, fed).clamp(min=0)
+            prow = row_of.gather(1, par)  # [B, k]: -1 when the parent is the root
+            vis = vis_rows.gather(1, prow.clamp(min=0)[..., None].expand(-1, -1, R)) & (prow >= 0)[..., None]
+            vis = vis | F.one_hot(rows, R).bool()
+            vis_rows[:, (d - 1) * k:d * k] = vis
+            feats = torch.where((prow >= 0)[..., None], out_rows.gather(1, prow.clamp(min=0)[..., None].expand(
+                -1, -1, out.shape[-1])), out[:, None])
+            h = self._run(tokens.gather(1, fed), feats, (base + d - 1)[:, None].expand(B, k), base[:, None] + rows,
+                          region_mask(base, vis, S))  # [B, k, H]
+            out_rows[:, (d - 1) * k:d * k] = h
+            qn = torch.softmax(self._logits(h).float() / temperature, -1)  # [B, k, V]
+            q.scatter_(1, fed[..., None].expand(-1, -1, V), torch.where(ok[..., None], qn, q.gather(
+                1, fed[..., None].expand(-1, -1, V))))
+            draw(qn, fed, ok)
+        # a dropped child takes its subtree with it (parents precede children)
+        for _ in range(D):
+            alive = alive & torch.where(parents >= 0, alive.gather(1, parents.clamp(min=0)), True)
+        alive = alive & (node[None, :] < greedy.num_nodes[:, None])
+        order = torch.sort((~alive).long(), dim=1, stable=True).indices  # live nodes first, in order
+        new_of = torch.argsort(order, dim=1)
+        p_old = parents.gather(1, order)
+        new_par = torch.where(p_old >= 0, new_of.gather(1, p_old.clamp(min=0)), -1)
+        n_live = alive.sum(1)
+        keep = node[None, :] < n_live[:, None]
+        return Proposal(tokens=tokens.gather(1, order), q=q.gather(1, order[..., None].expand(-1, -1, V)),
+                        parents=torch.where(keep, new_par, -1), depth=torch.where(keep, depth.gather(1, order), 0),
+                        num_nodes=n_live, bounds=greedy.bounds)
 
 
 def build_eagle(name: str, target, cfg) -> EagleDrafter:

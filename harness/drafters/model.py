@@ -25,13 +25,11 @@ class ARDraftModel(Drafter):
     def __init__(self, model: Target, name: str):
         self.model = model
         self.name = name
-        self.generator: torch.Generator | None = None
 
     def begin(self, ctx: DraftContext) -> None:
         B = len(ctx.history)
         self.model.reset(B)
         self.pending = [list(h) for h in ctx.history]  # nothing is in the draft cache yet
-        self.generator = torch.Generator(device=self.model.device).manual_seed(ctx.seed)
 
     def _feed_pending(self) -> torch.Tensor:
         """Feeds the pending tokens (ragged across the batch) and returns the last logits [B, V]."""
@@ -40,7 +38,7 @@ class ARDraftModel(Drafter):
         if B == 1 or len(set(n)) == 1:
             ids = torch.tensor(self.pending, dtype=torch.long, device=self.model.device)
             logits = self.model.forward(ids).logits[:, -1]
-            self.model.commit(torch.tensor(n, device=self.model.device))
+            self.model.commit(torch.tensor(n, device=self.model.device), n)
             return logits
         # ragged: right-pad to the longest, read each sequence's own last row
         T = max(n)
@@ -49,7 +47,7 @@ class ARDraftModel(Drafter):
             ids[b, :len(p)] = torch.tensor(p)
         logits = self.model.forward(ids.to(self.model.device)).logits  # [B, T, V]
         idx = torch.tensor(n, device=logits.device) - 1
-        self.model.commit(torch.tensor(n, device=self.model.device))
+        self.model.commit(torch.tensor(n, device=self.model.device), n)
         return logits[torch.arange(B, device=logits.device), idx]
 
     @torch.inference_mode()
@@ -58,14 +56,16 @@ class ARDraftModel(Drafter):
         logits = self._feed_pending()
         self.pending = [[] for _ in range(B)]
         self.base = self.model.lengths.clone()
+        self.base_host = list(self.model.lengths_host) if self.model.lengths_host is not None else None
         toks, qs = [], []
         for j in range(ctx.k):
-            tok, q = sample_or_argmax(logits, ctx.temperature, self.generator)  # [B], [B, V]
+            # draft j continues the sequence at position base + j: its own stream of the row's key
+            tok, q = sample_or_argmax(logits, ctx.temperature, ctx.draft_keys, self.base + j)  # [B], [B, V]
             toks.append(tok)
             qs.append(q)
             if j + 1 < ctx.k:
                 logits = self.model.forward(tok[:, None]).logits[:, -1]
-                self.model.commit(torch.ones(B, dtype=torch.long, device=self.model.device))
+                self.model.commit(torch.ones(B, dtype=torch.long, device=self.model.device), [1] * B)
         tokens = torch.stack(toks, 1)  # [B, K]
         self.last_drafts = tokens
         return Proposal(tokens=tokens, q=torch.stack(qs, 1))  # q [B, K, V]
@@ -74,25 +74,25 @@ class ARDraftModel(Drafter):
         K = ctx.k
         n = committed.num_accepted.to(self.model.device)
         # the draft cache keeps drafts 1..min(n, K-1); the rest of what was committed becomes pending
-        self.model.rollback(self.base + torch.clamp(n, max=K - 1))
+        kept = [min(a, K - 1) for a in committed.accepted]
+        host = None if self.base_host is None else [h + a for h, a in zip(self.base_host, kept)]
+        self.model.rollback(self.base + torch.clamp(n, max=K - 1), host)
         for b, em in enumerate(committed.emitted):
             a = committed.accepted[b]
             self.pending[b] = em[K - 1:] if a >= K else em[a:]
 
     @torch.inference_mode()
     def begin_row(self, ctx: DraftContext, b: int) -> None:
-        from harness.engine.scheduler import one_row
-
         history = ctx.history[b]
-        with one_row(self.model, b, empty=True):  # prefill this row alone; the last token stays pending
-            if len(history) > 1:
-                self.model.prefill(torch.tensor([history[:-1]], dtype=torch.long, device=self.model.device))
-        self.pending[b] = history[-1:]
+        if len(history) > 1:  # prefill this row alone; the last token stays pending
+            self.model.prefill_row(b, torch.tensor([history[:-1]], dtype=torch.long, device=self.model.device))
+            self.pending[b] = history[-1:]
+        else:
+            self.model.prefill_row(b, torch.zeros(1, 0, dtype=torch.long, device=self.model.device))
+            self.pending[b] = list(history)
 
     def keep_rows(self, rows: list[int]) -> None:
-        from harness.engine.scheduler import keep_cache_rows
-
-        keep_cache_rows(self.model, rows)
+        self.model.keep_rows(rows)
         self.pending = [self.pending[r] for r in rows]
 
 

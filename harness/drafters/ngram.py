@@ -33,7 +33,9 @@ class NGram(Drafter):
         tokens = torch.zeros(len(drafts), K, dtype=torch.long)
         for b, d in enumerate(drafts):
             tokens[b, :len(d)] = torch.tensor(d, dtype=torch.long)
-        return Proposal(tokens=tokens.to(ctx.device), num_draft=torch.tensor([len(d) for d in drafts]))
+        counts = [len(d) for d in drafts]
+        return Proposal(tokens=tokens.to(ctx.device), num_draft=torch.tensor(counts).to(ctx.device),
+                        num_draft_host=counts)
 
     def begin_row(self, ctx: DraftContext, b: int) -> None:
         """No per-row state."""

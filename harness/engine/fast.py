@@ -36,6 +36,7 @@ Modes (`--fast graph|compile|off`; `--fast` alone is graph, `--no-fast` is off):
 
 from __future__ import annotations
 
+import argparse
 import copy
 
 import torch
@@ -180,14 +181,14 @@ class FastTarget(TargetProxy):
     def prefill(self, ids, hidden_layers=()) -> TargetOutput:
         return self.inner.prefill(ids, hidden_layers)  # one per prompt, of the prompt's length: eager
 
-    def commit(self, n: torch.Tensor) -> None:
-        self.inner.commit(n)
+    def commit(self, n: torch.Tensor, n_host: list[int] | None = None) -> None:
+        self.inner.commit(n, n_host)
 
-    def commit_path(self, slots, n) -> None:
-        self.inner.commit_path(slots, n)
+    def commit_path(self, slots, n, n_host: list[int] | None = None) -> None:
+        self.inner.commit_path(slots, n, n_host)
 
-    def rollback(self, lengths: torch.Tensor) -> None:
-        self.inner.rollback(lengths)
+    def rollback(self, lengths: torch.Tensor, lengths_host: list[int] | None = None) -> None:
+        self.inner.rollback(lengths, lengths_host)
 
 
 def enable_fast(target: Target, max_tokens: int = MAX_TOKENS, capture_after: int = CAPTURE_AFTER,
@@ -228,3 +229,18 @@ def resolve_fast(requested: bool | None, target: Target) -> bool:
     if requested and not isinstance(target, (NativeTarget, FastTarget)):
         raise UserError(f"--fast needs the native backend, not '{target.backend}': pass --no-fast or --backend native")
     return bool(requested)
+
+
+def add_fast_flags(p: argparse.ArgumentParser) -> None:
+    """--fast [graph|compile|off] and --no-fast (harness.engine.fast)."""
+    p.add_argument("--fast", nargs="?", const="graph", choices=MODES + ("off",), default=None,
+                   help="replay the native target's steps as CUDA graphs (default: on for CUDA); compile: "
+                        "graphs of torch.compile'd layers; off: eager")
+    p.add_argument("--no-fast", dest="fast", action="store_const", const="off", help="the same as --fast off")
+
+
+def fast_fields(value: str | None) -> dict:
+    """RunConfig fields for a --fast value: {} (the default), fast=False, or fast=True and its mode."""
+    if value is None:
+        return {}
+    return {"fast": False} if value == "off" else {"fast": True, "fast_mode": value}

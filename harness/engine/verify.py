@@ -2,6 +2,10 @@
 
 One entry point for chains and one for trees; both call spec_kernels, whose backend is the Triton
 kernel on CUDA and the float64 torch reference on CPU (`--verify-backend triton|torch|auto`).
+
+Random streams: `seeds` [B] holds one key per row (harness.seeds: run seed, prompt, turn,
+drafter) and `positions` [B] the sequence position of the row's first draft, so the counter-based RNG
+never hands two rows, turns, prompts or steps the same uniforms, and a run is reproducible from its seed.
 """
 
 from __future__ import annotations
@@ -17,10 +21,18 @@ def _backend(name: str, device: torch.device) -> str:
     return name
 
 
-def verify_chain(logits: torch.Tensor, proposal: Proposal, temperature: float, seed: int,
+def _keys(seeds, B: int, dev) -> torch.Tensor:
+    """Row keys [B] int64 from a tensor of keys or one int (all rows the same key: tests, calibration)."""
+    if torch.is_tensor(seeds):
+        return seeds.to(dev)
+    return torch.full((B,), int(seeds), dtype=torch.long, device=dev)
+
+
+def verify_chain(logits: torch.Tensor, proposal: Proposal, temperature: float, seeds: torch.Tensor,
                  positions: torch.Tensor, backend: str = "auto") -> VerifyOutput:
     """logits [B, K+1, V] of the step's forward (row 0 scores draft 1, row K the bonus token);
-    positions [B] sequence position of the first draft (keys the counter-based RNG)."""
+    seeds [B] int64 row keys; positions [B] sequence position of the first draft (keys the RNG).
+    Reads nothing back to the host when the drafter drafted K for every row or gave num_draft_host."""
     from spec_kernels import verify_chain as kernel
 
     B, K1, V = logits.shape
@@ -33,7 +45,7 @@ def verify_chain(logits: torch.Tensor, proposal: Proposal, temperature: float, s
         q = proposal.q.reshape(B * K, V) if proposal.q is not None else None
     else:  # ragged drafts (e.g. ngram): gather each request's K_b + 1 rows
         counts = proposal.num_draft.to(dev)
-        k_host = proposal.num_draft.tolist()
+        k_host = proposal.num_draft_host if proposal.num_draft_host is not None else proposal.num_draft.tolist()
         row_idx = torch.cat([b * K1 + torch.arange(k + 1) for b, k in enumerate(k_host)]).to(dev)
         rows = logits.reshape(B * K1, V).index_select(0, row_idx)
         keep = torch.cat([b * K + torch.arange(k) for b, k in enumerate(k_host)]).to(dev)
@@ -42,14 +54,14 @@ def verify_chain(logits: torch.Tensor, proposal: Proposal, temperature: float, s
     cu = torch.zeros(B + 1, dtype=torch.long, device=dev)
     cu[1:] = torch.cumsum(counts, 0)
     temp = torch.full((B,), float(temperature), dtype=torch.float32, device=dev)
-    seeds = torch.full((B,), int(seed), dtype=torch.long, device=dev)
-    res = kernel(rows, cu, draft_ids, q, temp, seeds, positions.to(dev), backend=_backend(backend, dev))
+    res = kernel(rows, cu, draft_ids, q, temp, _keys(seeds, B, dev), positions.to(dev), backend=_backend(backend, dev),
+                 kmax=K)
     stats = dict(res.stats)
     stats["cu_num_draft"] = cu
     return VerifyOutput(emitted=res.emitted, num_accepted=res.num_accepted, error=res.error, stats=stats)
 
 
-def verify_tree(logits: torch.Tensor, proposal: Proposal, temperature: float, seed: int,
+def verify_tree(logits: torch.Tensor, proposal: Proposal, temperature: float, seeds: torch.Tensor,
                 positions: torch.Tensor, backend: str = "auto") -> VerifyOutput:
     """logits [B, T, V] at every tree node; proposal.tokens/parents [B, T]; positions [B] of depth 1."""
     from spec_kernels import verify_tree as kernel
@@ -57,10 +69,9 @@ def verify_tree(logits: torch.Tensor, proposal: Proposal, temperature: float, se
     B, T, _ = logits.shape
     dev = logits.device
     temp = torch.full((B,), float(temperature), dtype=torch.float32, device=dev)
-    seeds = torch.full((B,), int(seed), dtype=torch.long, device=dev)
     num_nodes = proposal.num_nodes if proposal.num_nodes is not None else torch.full((B,), T, dtype=torch.long)
-    res = kernel(logits, proposal.tokens, proposal.parents, num_nodes.to(dev), proposal.q, temp, seeds,
-                 positions.to(dev), backend=_backend(backend, dev))
+    res = kernel(logits, proposal.tokens, proposal.parents, num_nodes.to(dev), proposal.q, temp, _keys(seeds, B, dev),
+                 positions.to(dev), backend=_backend(backend, dev), bounds=proposal.bounds)
     stats = dict(res.stats)
     stats.update(path=res.path, parents=proposal.parents)  # the meter follows the accepted path
     return VerifyOutput(emitted=res.emitted, num_accepted=res.num_accepted, path=res.path, error=res.error,

@@ -16,6 +16,7 @@ import pandas as pd
 
 from harness.reports import plots
 from harness.errors import UserError
+from harness.records import _read_json, _text, run_info
 from harness.reports.summary import (
     DEFINITIONS, format_acceptance, format_meters, format_table, format_time_split, list_stats,
     load_records, markdown_table, summarize, summarize_records,
@@ -39,38 +40,6 @@ class Run:
     command: str
     summary: pd.DataFrame
     steps: pd.DataFrame
-
-
-def _read_json(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON ({err.msg}); fix or remove it") from None
-    return data if isinstance(data, dict) else {}
-
-
-def _text(value, *keys: str) -> str:
-    """A record field as text: a dict gives its first present key (e.g. a device's name)."""
-    if isinstance(value, dict):
-        for k in keys:
-            if value.get(k):
-                return str(value[k])
-        return json.dumps(value, sort_keys=True)
-    return "unknown" if value in (None, "") else str(value)
-
-
-def run_info(run_dir: Path) -> dict[str, str]:
-    """device (env.json), target (config.json), commit and command of a run folder."""
-    env, config = _read_json(run_dir / "env.json"), _read_json(run_dir / "config.json")
-    return {
-        "name": run_dir.resolve().name,
-        "device": _text(env.get("device"), "name", "device"),
-        "target": _text(config.get("target"), "name", "model", "id", "path"),
-        "commit": _text(env.get("git_commit", env.get("commit"))),
-        "command": _text(config.get("command", env.get("command"))),
-    }
 
 
 def load_run(run_dir: Path) -> Run:

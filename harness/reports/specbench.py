@@ -27,7 +27,7 @@ from harness.reports.summary import PHASES, bootstrap_ci, load_records
 
 
 def _model_name(run_dir: Path) -> str:
-    from harness.reports.report import run_info
+    from harness.records import run_info
 
     target = run_info(run_dir)["target"]
     return target.rstrip("/").split("/")[-1] or "target"

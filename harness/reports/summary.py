@@ -1,7 +1,9 @@
 """Summary tables derived from a run folder's raw records (steps.jsonl, prompts.jsonl) only.
 
 One row per drafter x suite x category x batch size, plus category "all" per drafter and batch size.
-Vocabulary as in `harness`: accepted, emitted (= accepted + 1), tau, acceptance by position.
+Vocabulary as in `harness`: accepted, emitted, tau, acceptance by position. Every count is of what was
+emitted: a step cut at EOS or --max-new-tokens counts only its kept tokens (harness.records), so
+tau = mean_accepted + the share of steps that emitted a bonus or recovered token (all but cut steps).
 
 Columns (summary.csv):
   drafter, suite, category, batch_size
@@ -15,6 +17,11 @@ Columns (summary.csv):
                                   (same suite, prompt, batch size); NaN without ar
   paired_prompts                  how many prompts that speedup is computed over
   diverged                        share of prompts whose output differs from ar's (NaN for ar)
+  diverged_wide                   share of prompts whose first divergence from ar came where the target's
+                                  top-1 minus top-2 logit margin exceeded WIDE_MARGIN
+                                  (harness.engine.divergence; NaN when not measured, e.g. at T > 0).
+                                  A correct verifier keeps it 0 in fp32 and bf16
+  failed                          prompts that failed (listed in summary.md with their reasons)
   t_draft, t_verify, t_accept, t_other   share of step time spent in each phase
   t_step_ms                       mean time per step (ms)
   *_lo, *_hi                      95% bootstrap interval over prompts for tok_s, tau and speedup
@@ -45,7 +52,7 @@ import numpy as np
 import pandas as pd
 
 from harness.errors import UserError
-from harness.records import read_jsonl
+from harness.records import BATCH_RUNS, read_jsonl
 
 BASELINE = "ar"
 ALL = "all"
@@ -60,7 +67,9 @@ DEFINITIONS = (
     "Definitions: tau = tokens emitted per target forward (bonus or recovered token included); "
     "accepted/step = accepted drafts per step (bonus excluded); accept rate = accepted / drafted; "
     "speedup = tok/s / tok/s of ar on the same prompts; diverged = share of prompts whose output "
-    "differs from ar's; acceptance at position j: unconditional = #steps accepted >= j / #steps "
+    "differs from ar's; diverged at a wide margin = share whose first difference came where ar's top-1 "
+    "minus top-2 logit exceeded 1.0 (a bug, not numerics); counts are of emitted tokens (a step cut at EOS "
+    "or the token limit counts its kept tokens only); acceptance at position j: unconditional = #steps accepted >= j / #steps "
     "drafted >= j, conditional = #steps accepted >= j / #steps drafted >= j and accepted >= j-1; "
     "[95% CI] = bootstrap over prompts (1000 resamples, paired with ar for speedup)."
 )
@@ -75,12 +84,17 @@ def load_records(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a run folder; pass a results/<run> directory")
-    prompt_recs = list(read_jsonl(run_dir / "prompts.jsonl"))
+    prompt_recs = [r for r in read_jsonl(run_dir / "prompts.jsonl") if not r.get("failed")]
     if not prompt_recs:
         raise UserError(f"no finished prompts in {run_dir / 'prompts.jsonl'}; run `spec-harness run` "
                         "first, or check the folder")
     steps = _steps_frame(list(read_jsonl(run_dir / "steps.jsonl")))
     prompts = _prompts_frame(prompt_recs, steps)
+    wide = {(r["drafter"], str(r["prompt_id"])): float(bool(r.get("wide")))
+            for r in read_jsonl(run_dir / "divergence.jsonl")}
+    prompts["diverged_wide"] = [
+        0.0 if d == 0.0 else (wide.get((dr, pid), math.nan) if d == 1.0 else math.nan)
+        for dr, pid, d in zip(prompts["drafter"], prompts["pid"], prompts["diverged"])]
     key = list(KEY)
     index = pd.MultiIndex.from_frame(prompts[key])
     steps = steps.assign(row=index.get_indexer(pd.MultiIndex.from_frame(steps[key])) if len(steps) else [])
@@ -341,6 +355,8 @@ def _group_metrics(g: pd.DataFrame, table: pd.DataFrame, ar_row: np.ndarray, is_
         m["speedup_lo"], m["speedup_hi"] = bootstrap_ci(cols, _speedup)
     div = g["diverged"].to_numpy(float)
     m["diverged"] = math.nan if is_ar or np.isnan(div).all() else float(np.nanmean(div))
+    wide = g["diverged_wide"].to_numpy(float) if "diverged_wide" in g else np.full(len(g), np.nan)
+    m["diverged_wide"] = math.nan if is_ar or np.isnan(wide).all() else float(np.nanmean(wide))
     for p in PHASES:
         m[p] = _div(g[p].sum(), step_time)
     m["t_step_ms"] = _div(step_time * 1000.0, nsteps.sum())
@@ -353,11 +369,26 @@ def write_summary(run_dir: Path) -> pd.DataFrame:
     df = summarize(run_dir)
     df.to_csv(run_dir / "summary.csv", index=False)
     text = summary_markdown(df, title=f"Summary of {run_dir.name}")
+    failed = failed_prompts(run_dir)
+    if failed:
+        text += "\n## Failed prompts\n\n" + markdown_table(
+            ["drafter", "prompt", "reason"], [[f["drafter"], str(f["prompt_id"]), f["failed"]] for f in failed]) + \
+            "\n\nRerun with `--resume` to retry them.\n"
     if (run_dir / "batch_runs.jsonl").is_file():
-        from harness.engine.scheduler import batch_summary, format_batch_summary
         text += "\n## Batches\n\n" + format_batch_summary(batch_summary(run_dir)) + "\n"
     (run_dir / "summary.md").write_text(text, encoding="utf-8")
     return df
+
+
+def failed_prompts(run_dir: Path) -> list[dict]:
+    """The prompts that failed and were not retried successfully since: drafter, prompt_id, failed."""
+    recs = list(read_jsonl(Path(run_dir) / "prompts.jsonl"))
+    ok = {(r["drafter"], str(r["prompt_id"])) for r in recs if not r.get("failed")}
+    last = {}
+    for r in recs:
+        if r.get("failed") and (r["drafter"], str(r["prompt_id"])) not in ok:
+            last[(r["drafter"], str(r["prompt_id"]))] = r
+    return list(last.values())
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -420,7 +451,7 @@ def format_table(df: pd.DataFrame) -> str:
     ids = _id_columns(df)
     headers = [label for _, label in ids] + [
         "prompts", "tok/s [95% CI]", "tau [95% CI]", "accepted/step", "accept rate",
-        "speedup vs ar [95% CI]", "diverged from ar"]
+        "speedup vs ar [95% CI]", "diverged from ar", "diverged at a wide margin"]
     rows = []
     for row in df.to_dict("records"):
         rows.append([_id_cell(row.get(c)) for c, _ in ids] + [
@@ -431,6 +462,7 @@ def format_table(df: pd.DataFrame) -> str:
             _pct(row.get("accept_rate", math.nan)),
             _with_ci(row, "speedup", ".2f", "x"),
             _pct(row.get("diverged", math.nan)),
+            _pct(row.get("diverged_wide", math.nan)),
         ])
     return markdown_table(headers, rows)
 
@@ -511,3 +543,64 @@ def _cmd_summarize(args) -> int:
     df = write_summary(args.run_dir)
     print(format_table(df))
     return 0
+
+
+# ----------------------------------------------------------------------------- batched runs
+
+BATCH_COLUMNS = ("drafter", "batch_size", "k", "k_auto", "prompts", "new_tokens", "wall_s", "tok_s_total",
+                   "tok_s_seq", "tau", "speedup_total", "speedup_seq", "predicted_tau", "predicted_speedup")
+
+
+def batch_summary(run_dir: Path) -> pd.DataFrame:
+    """One row per (drafter, batch size) from batch_runs.jsonl and the per prompt records:
+
+    tok_s_total    all new tokens / wall time of the batched runs (attempts of a resumed run add up)
+    tok_s_seq      per sequence: sum new_tokens / sum wall_s over prompts (join to leave)
+    tau            tokens emitted per target forward (bonus included), from the step records
+    speedup_total, speedup_seq   the same tok/s over ar's at the same batch size (NaN without ar)
+    k, k_auto, predicted_tau, predicted_speedup   K of the last attempt and the cost model's
+                   prediction for it (NaN without a calibration)
+    A run without batch_runs.jsonl (the plain batch-1 loop) gets tok_s_total = tok_s_seq and k = NaN.
+    """
+    run_dir = Path(run_dir)
+    table = per_prompt(*load_records(run_dir))
+    runs = list(read_jsonl(run_dir / BATCH_RUNS))
+    if not runs:  # a batch-1 run of the plain loop: its prompts ran one after another
+        runs = [dict(drafter=d, batch_size=b, k=math.nan, k_auto=False, new_tokens=g["new_tokens"].sum(),
+                     wall_s=g["wall_s"].sum()) for (d, b), g in table.groupby(["drafter", "batch_size"], sort=False)]
+    rows = []
+    for (drafter, bs), g in pd.DataFrame(runs).groupby(["drafter", "batch_size"], sort=False):
+        last = g.iloc[-1]
+        mine = table[(table["drafter"] == drafter) & (table["batch_size"] == bs)]
+        rows.append(dict(
+            drafter=drafter, batch_size=int(bs), k=_num_or_nan(last["k"]), k_auto=bool(last["k_auto"]),
+            prompts=len(mine), new_tokens=int(mine["new_tokens"].sum()), wall_s=float(g["wall_s"].sum()),
+            tok_s_total=_div(g["new_tokens"].sum(), g["wall_s"].sum()),
+            tok_s_seq=_div(mine["new_tokens"].sum(), mine["wall_s"].sum()),
+            tau=_div(mine["emitted"].sum(), mine["steps"].sum()),
+            predicted_tau=_num_or_nan(last.get("predicted_tau")), predicted_speedup=_num_or_nan(last.get("predicted_speedup")),
+        ))
+    df = pd.DataFrame(rows)
+    ar = df[df["drafter"] == "ar"].set_index("batch_size")
+    for col, src in (("speedup_total", "tok_s_total"), ("speedup_seq", "tok_s_seq")):
+        base = df["batch_size"].map(ar[src]) if len(ar) else math.nan
+        df[col] = df[src] / base
+    return df[list(BATCH_COLUMNS)]
+
+
+def format_batch_summary(df: pd.DataFrame) -> str:
+    """batch_summary as a table a person reads (summary.md can append it)."""
+    def num(v, fmt):
+        return "n/a" if v is None or not math.isfinite(float(v)) else format(float(v), fmt)
+
+    headers = ["drafter", "batch", "K", "prompts", "tok/s total", "tok/s per seq", "tau", "speedup total",
+               "speedup per seq", "predicted tau", "predicted speedup"]
+    rows = [[r["drafter"], str(r["batch_size"]), num(r["k"], ".0f") + (" (auto)" if r["k_auto"] else ""), str(r["prompts"]),
+             num(r["tok_s_total"], ".1f"), num(r["tok_s_seq"], ".1f"), num(r["tau"], ".2f"),
+             num(r["speedup_total"], ".2f") + "x", num(r["speedup_seq"], ".2f") + "x", num(r["predicted_tau"], ".2f"),
+             num(r["predicted_speedup"], ".2f") + "x"] for r in df.to_dict("records")]
+    return markdown_table(headers, rows)
+
+
+def _num_or_nan(v) -> float:
+    return float(v) if v is not None and pd.notna(v) else math.nan

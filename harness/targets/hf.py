@@ -43,6 +43,7 @@ class HFTarget(Target):
             raise UserError("the hf backend decodes one sequence at a time: use --backend native for --batch-size > 1")
         self.cache = DynamicCache(config=self.model.config)
         self.lengths = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.lengths_host = [0]
         self._cached = 0  # tokens held by the DynamicCache (committed or not)
 
     @torch.inference_mode()
@@ -71,13 +72,13 @@ class HFTarget(Target):
         return TargetOutput(logits=out.logits, hidden=taps)
 
     @torch.inference_mode()
-    def commit_path(self, slots, n):
+    def commit_path(self, slots, n, n_host=None):
         L = int(self.lengths[0])
         k = int(n[0])
         keep = torch.arange(L, device=self.device)
         path = L + slots[0, :k].to(self.device)
         self._keep(torch.cat([keep, path]))
-        self.commit(n)
+        self.commit(n, n_host)
 
     def _keep(self, idx: torch.Tensor) -> None:
         """Keeps the cache entries at positions idx [n] (in order) in every layer."""

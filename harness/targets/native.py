@@ -183,11 +183,12 @@ class NativeTarget(Target):
             self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
             self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self.lengths_host = [0] * batch_size
 
     def _span(self, T: int) -> int:
         if self.static:
             return self.max_len
-        need = int(self.lengths.max()) + T  # one host read per step, only off the static path
+        need = self.max_length() + T  # the host mirror; a device read only when a caller gave no counts
         if need > self.max_len:
             raise UserError(f"sequence of {need} tokens exceeds the cache ({self.max_len}): raise --max-len")
         return need
@@ -204,7 +205,50 @@ class NativeTarget(Target):
         return TargetOutput(logits=logits, hidden=hidden)
 
     @torch.inference_mode()
-    def commit_path(self, slots, n):
+    def prefill_row(self, b: int, ids: torch.Tensor, hidden_layers: tuple[int, ...] = ()) -> TargetOutput:
+        """Row b alone, as a view of the batch's cache: its slots 0 .. P-1 are written, lengths[b] = P."""
+        P = ids.shape[1]
+        if P > self.max_len:
+            raise UserError(f"sequence of {P} tokens exceeds the cache ({self.max_len}): raise --max-len")
+        if P == 0:  # an empty row (a parked row, or a draft model whose context is one pending token)
+            lengths = self.lengths.clone()
+            lengths[b] = 0
+            self.lengths = lengths
+            if self.lengths_host is not None:
+                self.lengths_host = self.lengths_host[:b] + [0] + self.lengths_host[b + 1:]
+            return None
+        zero = torch.zeros(1, dtype=torch.long, device=self.device)
+        slots = torch.arange(P, device=self.device)[None]  # [1, P]
+        mask = causal_or_tree_mask(zero, P, P, None)
+        wanted = tuple(range(self.num_layers)[h] for h in hidden_layers)
+        logits, hidden = self.model(ids, slots, self.k_cache[:, b:b + 1], self.v_cache[:, b:b + 1], slots, mask,
+                                    wanted)  # [L, 1, Hkv, S, D] views: writes land in the batch's cache
+        lengths = self.lengths.clone()
+        lengths[b] = P
+        host = self.lengths_host
+        self.lengths = lengths
+        if host is not None:
+            self.lengths_host = host[:b] + [P] + host[b + 1:]
+        return TargetOutput(logits=logits, hidden={h: hidden[range(self.num_layers)[h]] for h in hidden_layers})
+
+    @torch.inference_mode()
+    def keep_rows(self, rows: list[int]) -> None:
+        """Row i takes what row rows[i] held; the cache shrinks to len(rows) rows (a view). Only rows that
+        move are copied."""
+        moved = [(i, r) for i, r in enumerate(rows) if r != i]
+        if moved:
+            dst = torch.tensor([i for i, _ in moved], device=self.device)
+            src = torch.tensor([r for _, r in moved], device=self.device)
+            for cache in (self.k_cache, self.v_cache):  # [L, B, Hkv, S, D]
+                cache[:, dst] = cache[:, src]
+        n = len(rows)
+        self.lengths = self.lengths[torch.tensor(rows, dtype=torch.long, device=self.device)]
+        if self.lengths_host is not None:
+            self.lengths_host = [self.lengths_host[r] for r in rows]
+        self.k_cache, self.v_cache = self.k_cache[:, :n], self.v_cache[:, :n]
+
+    @torch.inference_mode()
+    def commit_path(self, slots, n, n_host: list[int] | None = None):
         # slots [B, D] offsets from lengths of the kept nodes (in path order), n [B]
         B, D = slots.shape
         src = self.lengths[:, None] + slots.clamp(min=0)  # [B, D]
@@ -214,4 +258,4 @@ class NativeTarget(Target):
         for cache in (self.k_cache, self.v_cache):
             moved = cache[:, b_idx, :, src]  # [L, B, D, Hkv, Dh]
             cache[:, b_idx, :, dst] = moved
-        self.commit(n)
+        self.commit(n, n_host)

@@ -318,7 +318,7 @@ def train_head(args: argparse.Namespace) -> Path:
     from accelerate.utils import set_seed
 
     from harness.training.corpus import build_corpus, describe
-    from harness.runner import eos_ids, prompt_ids
+    from harness.targets.chat import eos_ids, prompt_ids
     from harness.targets import load_target
     from harness.targets.loading import resolve_device
 
