@@ -42,9 +42,10 @@ test: $(STAMP) $(TF_OLDEST_DIR)/.installed
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-# On the GPU machine, after the two staging calls of benchmarks/gpu_stage.md: every GPU measurement.
+# On the GPU machine (benchmarks/gpu_stage.md): command A (no model: environment, attention probe,
+# pytest -m gpu, kernels), then command B (the model: floor, humaneval, trees, profile, batch, meter).
 bench-gpu:
-	bash benchmarks/gpu_run.sh
+	bash benchmarks/gpu_a.sh; bash benchmarks/gpu_b.sh
 
 bench-kernels: $(STAMP)
 	$(PY) -m pytest benchmarks/bench_kernels.py --benchmark-autosave -q

@@ -14,7 +14,11 @@ every depth. Columns:
     us_api             the public call, including its one host read of the sizes (Kmax / tree shape)
     us_torch_eager     float64 reference, eager
     us_torch_compiled  float64 reference under torch.compile (within the time budget, else empty)
-    bound_us           logits bytes that must be read once / 3.35e12 B/s (H100 SXM HBM3)
+    bound_us           logits bytes that must be read once / the device's copy bandwidth
+    gbps               logits bytes / us
+The bandwidth is measured on the device before the grid (a device-to-device copy of --copy-mib MiB,
+bytes read + written per second, median of 10; `--bandwidth-gbps` overrides it) and recorded in
+env.json with how it was obtained: never a data-sheet figure.
 Timing: warm-up, CUDA events around back-to-back calls, median of the per-call times.
 """
 
@@ -35,7 +39,6 @@ from pathlib import Path
 import pytest
 import torch
 
-HBM_BYTES_PER_S = 3.35e12
 BATCHES = (1, 8, 64)
 DRAFTS = (4, 8)
 VOCABS = (49152, 128256, 262144)
@@ -113,12 +116,36 @@ def callables(kernel: str, args):
             verify_tree_reference, inp)
 
 
+def copy_bandwidth(device: str = "cuda", mib: int = 1024, reps: int = 10) -> float:
+    """Bytes read + written per second by a device-to-device copy of `mib` MiB (median of `reps`)."""
+    n = mib * 2**20
+    src = torch.ones(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up
+    times = []
+    for _ in range(reps):
+        if src.is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t0)
+    return 2 * n / statistics.median(times)
+
+
 def logits_bytes(args) -> int:
     return args[0].numel() * args[0].element_size()
 
 
-def environment() -> dict:
+def environment(bandwidth: float, how: str) -> dict:
     import triton
+
+    from harness.provenance import git_commit
 
     def run(cmd):
         try:
@@ -133,8 +160,9 @@ def environment() -> dict:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "python": platform.python_version(),
-        "git_commit": run(["git", "-C", str(Path(__file__).resolve().parents[1]), "rev-parse", "HEAD"]),
-        "bandwidth_bound_bytes_per_s": HBM_BYTES_PER_S,
+        "git_commit": git_commit(),
+        "bandwidth_bound_bytes_per_s": bandwidth,
+        "bandwidth_source": how,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
@@ -164,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="stop starting new measurements after this many seconds (kernel timings come first)")
     ap.add_argument("--compile", choices=["none", "subset", "all"], default="subset",
                     help="torch.compile the reference: subset = chain, K=4, V=128256 only")
+    ap.add_argument("--copy-mib", type=int, default=1024, help="size of the copy that measures the bandwidth")
+    ap.add_argument("--bandwidth-gbps", type=float, default=None,
+                    help="use this bandwidth bound (GB/s, read + written) instead of measuring it")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_kernels: no CUDA device, nothing to measure (run this on the GPU machine)")
@@ -173,7 +204,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "env.json").write_text(json.dumps(environment(), indent=2) + "\n")
+    if args.bandwidth_gbps is not None:
+        bandwidth, how = args.bandwidth_gbps * 1e9, "given by --bandwidth-gbps"
+    else:
+        bandwidth = copy_bandwidth("cuda", args.copy_mib)
+        how = f"measured: device-to-device copy of {args.copy_mib} MiB, (read + written) bytes / median time of 10"
+    print(f"bandwidth bound {bandwidth / 1e12:.2f} TB/s ({how})")
+    (out / "env.json").write_text(json.dumps(environment(bandwidth, how), indent=2) + "\n")
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
     rows, cases = [], []
@@ -185,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                         make = chain_case if kernel == "chain" else tree_case
                         case_args = make(B, K, V, mode, dtype)
                         launch, api, _, _ = callables(kernel, case_args)
-                        bound = logits_bytes(case_args) / HBM_BYTES_PER_S * 1e6
+                        bound = logits_bytes(case_args) / bandwidth * 1e6
                         us = cuda_time_us(launch)
                         rows.append(dict(kernel=kernel, mode=mode, B=B, K=K, V=V, dtype=args.dtype, us=us,
                                          us_api=cuda_time_us(api), us_torch_eager=math.nan,

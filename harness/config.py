@@ -37,6 +37,7 @@ class RunConfig:
     warmup: int = 1  # warm-up prompts per drafter before timing (not recorded)
     batch_size: int = 1
     fast: bool | None = None  # CUDA graphs on the native backend (default: on for CUDA)
+    fast_mode: str = "graph"  # graph | compile: what the graphs capture, eager or torch.compile'd layers
     command: str = ""  # the exact command line, recorded in env.json
     extra: dict = field(default_factory=dict)
 

@@ -35,6 +35,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from harness.config import RunConfig
 from harness.records import check_out_dir
 from harness.errors import UserError
+from harness.engine.fast import add_fast_flags, fast_fields
 from harness.targets.base import Target, TargetProxy
 from harness.timing import PHASES, PhaseClock
 
@@ -187,13 +188,13 @@ def profile_run(cfg: RunConfig, drafter_name: str, steps: int, out: Path) -> lis
     target = load_target(cfg.target, backend=cfg.backend, device=cfg.device, dtype=cfg.dtype, max_len=cfg.max_len)
     cfg.fast = resolve_fast(cfg.fast, target)
     if cfg.fast:
-        target = enable_fast(target)
+        target = enable_fast(target, mode=cfg.fast_mode)
     drafter = build_drafter(drafter_name, target, cfg)
     if is_peer(drafter):
         raise UserError(f"{drafter_name} is transformers' own generate: it has no steps to profile; choose one "
                         "of our drafters (ar, ngram, layerskip, model, eagle, eagle3)")
     if cfg.fast:
-        drafter = enable_fast_drafter(drafter)
+        drafter = enable_fast_drafter(drafter, cfg.fast_mode)
     eos = eos_ids(target)
     workload(target, drafter, prompts, cfg, min(steps, 16), eos)  # warm-up: lazy init, graph capture
     if cfg.fast:
@@ -237,8 +238,7 @@ def register(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--verify-backend", choices=("auto", "triton", "torch"), default=d.verify_backend)
-    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
-                   help="CUDA graphs for the native target's steps (default: on for CUDA)")
+    add_fast_flags(p)
     p.add_argument("--layerskip-layers", type=int, default=None)
     p.add_argument("--draft-model", default=None)
     p.add_argument("--head", default=None)
@@ -252,9 +252,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from harness.runner import validate
 
     fields = ("target", "suite", "limit", "backend", "device", "dtype", "max_len", "k", "temperature", "seed",
-              "verify_backend", "fast", "layerskip_layers", "draft_model", "head", "depth", "top_k", "total_tokens")
+              "verify_backend", "layerskip_layers", "draft_model", "head", "depth", "top_k", "total_tokens")
     cfg = replace(RunConfig(), drafters=(args.drafter,), meter=False, warmup=0,
-                  command=" ".join(["spec-harness"] + sys.argv[1:]), **{f: getattr(args, f) for f in fields})
+                  command=" ".join(["spec-harness"] + sys.argv[1:]), **{f: getattr(args, f) for f in fields},
+                  **fast_fields(args.fast))
     validate(cfg)
     rows = profile_run(cfg, args.drafter, args.steps, args.out)
     info = json.loads((args.out / "profile.json").read_text())

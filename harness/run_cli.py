@@ -8,6 +8,7 @@ import sys
 
 from harness.calibrate import parse_k
 from harness.config import PRESETS, RunConfig
+from harness.engine.fast import add_fast_flags, fast_fields
 from harness.errors import UserError
 
 
@@ -50,8 +51,7 @@ def register(sub) -> None:
     p.add_argument("--total-tokens", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,  # harness.engine.fast
-                   help="replay the native target's steps as CUDA graphs (default: on for CUDA)")
+    add_fast_flags(p)
     # -- multi-process runs (harness.distributed) --
     p.add_argument("--processes", type=int, default=None,
                    help="split the prompts over N processes (one per GPU) under `accelerate launch`")
@@ -68,7 +68,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     values = dict(PRESETS[args.preset]) if args.preset else {}
     for key in ("target", "backend", "drafters", "suite", "limit", "per_category", "max_new_tokens", "temperature",
                 "seed", "device", "dtype", "max_len", "out", "run_id", "verify_backend", "meter_base", "layerskip_layers",
-                "draft_model", "head", "depth", "top_k", "total_tokens", "warmup", "batch_size", "device_map", "fast"):
+                "draft_model", "head", "depth", "top_k", "total_tokens", "warmup", "batch_size", "device_map"):
         v = getattr(args, key)
         if v is not None:
             values[key] = v
@@ -84,6 +84,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         values["suite"] = args.prompts
     if args.meter is not None:
         values["meter"] = args.meter == "on"
+    values.update(fast_fields(args.fast))
     values.update(resume=args.resume, overwrite=args.overwrite,
                   command=" ".join(shlex.quote(a) for a in ["spec-harness"] + sys.argv[1:]))
     return RunConfig(**values)

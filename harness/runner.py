@@ -21,6 +21,7 @@ from harness.engine.divergence import divergences
 from harness.engine.fast import enable_fast, enable_fast_drafter, precapture, resolve_fast
 from harness.engine.scheduler import Scheduler
 from harness.errors import UserError
+from harness.provenance import git_commit
 from harness.records import BATCH_RUNS, JsonlWriter, check_out_dir, read_jsonl
 from harness.suites import Prompt, load_suite
 from harness.targets import load_target
@@ -58,14 +59,6 @@ def make_run_dir(cfg: RunConfig, path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
 
 
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def environment(cfg: RunConfig, target) -> dict:
     import transformers
 
@@ -85,6 +78,8 @@ def environment(cfg: RunConfig, target) -> dict:
     placement = getattr(model, "hf_device_map", None)  # set by accelerate when it spread the model over devices
     env["device_map"] = placement or ({"": str(dev)} if cfg.device_map else None)  # --device-map auto: module -> device
     env["fast"] = cfg.fast  # harness.engine.fast: steps replayed as CUDA graphs
+    env["fast_mode"] = cfg.fast_mode if cfg.fast else None  # graph | compile
+    env["attention"] = getattr(getattr(target, "model", None), "attention", None)  # harness.targets.attention
     if dev.type == "cuda":
         try:
             env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -192,11 +187,11 @@ def run(cfg: RunConfig, out: Path | None = None, rank: int = 0, world: int = 1, 
     # -- fast path (harness.engine.fast): CUDA graphs, on by default for a native target on CUDA --
     cfg.fast = resolve_fast(cfg.fast, target)
     if cfg.fast:
-        target = enable_fast(target)
+        target = enable_fast(target, mode=cfg.fast_mode)
     names = ["ar"] + [d for d in cfg.drafters if d != "ar"] if "ar" in cfg.drafters else list(cfg.drafters)
     drafters = {name: build_drafter(name, target, cfg) for name in names}
     if cfg.fast:  # drafters that run a native model of their own replay graphs too
-        drafters = {name: enable_fast_drafter(d) for name, d in drafters.items()}
+        drafters = {name: enable_fast_drafter(d, cfg.fast_mode) for name, d in drafters.items()}
     B = cfg.batch_size
     if B > 1:
         for name, drafter in drafters.items():

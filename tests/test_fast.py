@@ -159,6 +159,48 @@ def test_run_records_fast(tiny_dir, tmp_path):
     prompts = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
     assert [p["diverged"] for p in prompts] == [None, False]
     assert config_from_args(build_parser().parse_args(["run", "--no-fast"])).fast is False
+    assert config_from_args(build_parser().parse_args(["run", "--fast", "off"])).fast is False
+    compiled = config_from_args(build_parser().parse_args(["run", "--fast", "compile", "--meter", "off"]))
+    assert (compiled.fast, compiled.fast_mode) == (True, "compile")
+    plain_fast = config_from_args(build_parser().parse_args(["run", "--fast"]))
+    assert (plain_fast.fast, plain_fast.fast_mode) == (True, "graph")
+    assert json.loads((out / "env.json").read_text())["fast_mode"] == "graph"
+
+
+def test_unknown_fast_mode_is_a_user_error():
+    with pytest.raises(UserError, match="--fast eager"):
+        enable_fast(targets()[0], mode="eager")
+
+
+@pytest.mark.slow  # two torch.compile runs of a decoder layer: about a minute on a 2-core CPU
+def test_compiled_steps_match_eager():
+    """--fast compile: each captured step runs the layers through torch.compile; greedy tokens equal the
+    eager target's for ar (T = 1 steps), layerskip (the drafter's own compiled model) and a tree (T = 6,
+    positions and tree mask), and the logits of one step match eager to fp32 rounding."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = tiny_model()
+    plain = build_target(model, None, "tiny", "native", max_len=64)
+    fast = enable_fast(build_target(model, None, "tiny", "native", max_len=64), mode="compile")
+    assert fast.step_model is not fast.inner.model and fast.step_model.blocks[0] is not fast.inner.model.blocks[0]
+    ref = run(plain, AR()).new_ids
+    assert run(fast, AR()).new_ids == ref
+    skip = enable_fast_drafter(layerskip(fast, 2), "compile")
+    assert skip.model.mode == "compile"
+    assert run(fast, skip).new_ids == ref
+    assert run(fast, OracleTree(ref, len(PROMPT))).new_ids == ref
+    assert fast.stats["replayed"] > fast.stats["captured"] >= 2
+    assert all(s.model is fast.step_model for s in fast.steps.values())  # the steps ran the compiled layers
+    static = build_target(model, None, "tiny", "native", max_len=64, static=True)
+    for t in (static, fast):
+        t.reset(1)
+        t.prefill(torch.tensor([PROMPT]))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    for _ in range(2):  # the second call goes through the compiled StepGraph
+        got = fast.forward(ids).logits.clone()
+    torch.testing.assert_close(got, static.forward(ids).logits, atol=1e-4, rtol=1e-4)
+    assert isinstance(fast.inner.model.blocks[0], type(static.model.blocks[0]))  # the eager model was left alone
 
 
 @pytest.mark.gpu
@@ -168,7 +210,7 @@ def test_graphs_match_eager_on_cuda():
     eager = build_target(model, None, "tiny", "native", max_len=64, static=True)
     fast = enable_fast(build_target(model, None, "tiny", "native", max_len=64))
     assert fast.graphs
-    for drafter in (AR, lambda t: layerskip(t, 2)):
+    for drafter in (lambda t: AR(), lambda t: layerskip(t, 2)):
         ref = run(eager, drafter(eager), backend="torch").new_ids
         got = run(fast, enable_fast_drafter(drafter(fast)), backend="torch").new_ids
         assert got == ref  # same kernels replayed: bitwise the same logits, so the same tokens
@@ -211,3 +253,16 @@ def test_static_forward_has_no_host_sync():
             target.forward(torch.ones(1, 4, dtype=torch.long, device="cuda"), positions=pos, tree_mask=mask)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@cuda
+def test_compiled_graphs_match_eager_on_cuda():
+    """--fast compile on CUDA: the torch.compile'd layers are captured and replayed (fp32: same tokens)."""
+    model = tiny_model().to(device="cuda")
+    eager = build_target(model, None, "tiny", "native", max_len=64, static=True)
+    fast = enable_fast(build_target(model, None, "tiny", "native", max_len=64), mode="compile")
+    ref = run(eager, AR(), backend="torch").new_ids
+    assert run(fast, AR(), backend="torch").new_ids == ref
+    assert run(fast, OracleTree(ref, len(PROMPT)), backend="torch").new_ids == ref
+    assert fast.stats["captured"] >= 2 and all(s.graph is not None for s in fast.steps.values())

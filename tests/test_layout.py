@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent / "harness"
 # Layers, lowest first: a module may import its own layer or lower ones, never a higher one.
 LAYERS = [
     {"harness.errors", "harness.types", "harness.records", "harness.timing", "harness.config", "harness.suites",
-     "harness.seeds"},
+     "harness.seeds", "harness.provenance"},
     {"harness.targets"},
     {"harness.drafters"},
     {"harness.engine"},

@@ -22,28 +22,53 @@ the result into its static outputs, so CPU tests exercise the same keys, buffers
 Outputs alias static buffers, and the graphs of one target share a memory pool: a TargetOutput stays
 valid until the target's next forward. The decode loop and the drafters consume logits before their next
 forward and copy the hidden states they keep.
+
+Modes (`--fast graph|compile|off`; `--fast` alone is graph, `--no-fast` is off):
+  graph    the eager forward, captured as above
+  compile  the same, but a StepGraph's forward runs each decoder layer through torch.compile (Inductor
+           fuses norms, rope, the cache write, softmax and the MLP's gating into a few kernels per layer,
+           where eager launches about fifty), and that is what gets captured. The layers share one code
+           object, so one compiled graph serves every layer of the target and of a layerskip drafter;
+           it is compiled for T = 1, then T = 2, then once more with T dynamic (torch.compile's automatic
+           dynamic shapes), for the first batch size and again for the next. Prefill and one-off shapes
+           stay eager. On a CPU it is the compiled forward without graphs (tested equal to eager there).
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
+
 import torch
+from torch import nn
 
 from harness.errors import UserError
 from harness.targets.base import Target, TargetOutput, TargetProxy
-from harness.targets.native import NativeTarget
+from harness.targets.native import NativeLM, NativeTarget
 
 MAX_TOKENS = 128  # longest step (T) that gets a graph: covers K + 1 <= 65 and EAGLE trees
 CAPTURE_AFTER = 2  # a shape is captured the second time it is seen
 WARMUP = 2  # eager runs on a side stream before a capture
+MODES = ("graph", "compile")  # what a StepGraph runs (see module docstring); "off" is no fast path at all
+
+
+def compiled_model(model: NativeLM) -> NativeLM:
+    """A NativeLM sharing every weight with `model` whose decoder layers run through torch.compile
+    (`model` itself stays eager: the prefill and one-off shapes use it)."""
+    shell = copy.copy(model)
+    shell._modules = dict(model._modules)  # copy.copy shares the module dict: give the shell its own
+    shell.blocks = nn.ModuleList(torch.compile(block, fullgraph=True) for block in model.blocks)
+    return shell
 
 
 class StepGraph:
     """One step shape of a native target: static buffers, and on CUDA the captured forward."""
 
     def __init__(self, target: NativeTarget, B: int, T: int, has_positions: bool, has_tree: bool,
-                 hidden_layers: tuple[int, ...], pool=None):
+                 hidden_layers: tuple[int, ...], pool=None, model: NativeLM | None = None):
         dev = target.device
         self.target, self.hidden_layers, self.pool = target, hidden_layers, pool
+        self.model = model or target.model  # compile mode: compiled_model(target.model)
         self.ids = torch.zeros(B, T, dtype=torch.long, device=dev)  # [B, T]
         self.positions = torch.zeros(B, T, dtype=torch.long, device=dev) if has_positions else None  # [B, T]
         self.tree_mask = torch.zeros(B, T, T, dtype=torch.bool, device=dev) if has_tree else None  # [B, T, T]
@@ -54,10 +79,11 @@ class StepGraph:
     def _forward(self) -> TargetOutput:
         t = self.target
         committed, t.lengths = t.lengths, self.lengths  # the forward reads lengths from the static buffer
+        eager, t.model = t.model, self.model
         try:
             return t.forward(self.ids, self.positions, self.tree_mask, self.hidden_layers)
         finally:
-            t.lengths = committed
+            t.lengths, t.model = committed, eager
 
     def _capture(self) -> None:
         dev = self.target.device
@@ -102,9 +128,13 @@ class FastTarget(TargetProxy):
     """A native target whose steps replay as CUDA graphs (see module docstring). Attributes it does not
     define (name, tokenizer, sizes, device, dtype, max_len, hf_model, ...) are the wrapped target's."""
 
-    def __init__(self, inner: NativeTarget, max_tokens: int = MAX_TOKENS, capture_after: int = CAPTURE_AFTER):
+    def __init__(self, inner: NativeTarget, max_tokens: int = MAX_TOKENS, capture_after: int = CAPTURE_AFTER,
+                 mode: str = "graph"):
+        if mode not in MODES:
+            raise UserError(f"--fast {mode}: choose one of {', '.join(MODES)} or off")
         inner.static = True
-        self.inner = inner
+        self.inner, self.mode = inner, mode
+        self.step_model = compiled_model(inner.model) if mode == "compile" else None
         self.max_tokens, self.capture_after = max_tokens, capture_after
         self.graphs = inner.device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
@@ -132,7 +162,7 @@ class FastTarget(TargetProxy):
             if T > self.max_tokens or self.seen[key] < self.capture_after:
                 self.stats["eager"] += 1
                 return self.inner.forward(ids, positions, tree_mask, hidden_layers)
-            step = self.steps[key] = StepGraph(self.inner, *key[:5], pool=self.pool)
+            step = self.steps[key] = StepGraph(self.inner, *key[:5], pool=self.pool, model=self.step_model)
             self.stats["captured"] += 1
         self.stats["replayed"] += 1
         return step(ids, positions, tree_mask)
@@ -161,21 +191,23 @@ class FastTarget(TargetProxy):
         self.inner.rollback(lengths, lengths_host)
 
 
-def enable_fast(target: Target, max_tokens: int = MAX_TOKENS, capture_after: int = CAPTURE_AFTER) -> Target:
-    """Wraps a native target so its steps replay as CUDA graphs (eager on a CPU; same outputs)."""
+def enable_fast(target: Target, max_tokens: int = MAX_TOKENS, capture_after: int = CAPTURE_AFTER,
+                mode: str = "graph") -> Target:
+    """Wraps a native target so its steps replay as CUDA graphs (eager on a CPU; same outputs); mode
+    "compile" runs the captured steps through torch.compile."""
     if isinstance(target, FastTarget):
         return target
     if not isinstance(target, NativeTarget):
         raise UserError(f"--fast needs the native backend (CUDA graphs need static shapes), not "
                         f"'{target.backend}': pass --no-fast or --backend native")
-    return FastTarget(target, max_tokens=max_tokens, capture_after=capture_after)
+    return FastTarget(target, max_tokens=max_tokens, capture_after=capture_after, mode=mode)
 
 
-def enable_fast_drafter(drafter):
+def enable_fast_drafter(drafter, mode: str = "graph"):
     """Gives a drafter that runs a native model of its own (layerskip, model) the fast path too."""
     model = getattr(drafter, "model", None)
     if isinstance(model, NativeTarget):
-        drafter.model = enable_fast(model)
+        drafter.model = enable_fast(model, mode=mode)
     return drafter
 
 
@@ -197,3 +229,18 @@ def resolve_fast(requested: bool | None, target: Target) -> bool:
     if requested and not isinstance(target, (NativeTarget, FastTarget)):
         raise UserError(f"--fast needs the native backend, not '{target.backend}': pass --no-fast or --backend native")
     return bool(requested)
+
+
+def add_fast_flags(p: argparse.ArgumentParser) -> None:
+    """--fast [graph|compile|off] and --no-fast (harness.engine.fast)."""
+    p.add_argument("--fast", nargs="?", const="graph", choices=MODES + ("off",), default=None,
+                   help="replay the native target's steps as CUDA graphs (default: on for CUDA); compile: "
+                        "graphs of torch.compile'd layers; off: eager")
+    p.add_argument("--no-fast", dest="fast", action="store_const", const="off", help="the same as --fast off")
+
+
+def fast_fields(value: str | None) -> dict:
+    """RunConfig fields for a --fast value: {} (the default), fast=False, or fast=True and its mode."""
+    if value is None:
+        return {}
+    return {"fast": False} if value == "off" else {"fast": True, "fast_mode": value}

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.errors import UserError
+from harness.targets.attention import attend, choose_attention
 from harness.targets.base import Target, TargetOutput, causal_or_tree_mask
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -90,10 +91,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Block(nn.Module):
     """One decoder layer; holds references to the transformers layer's weights."""
 
-    def __init__(self, hf_layer, spec: LlamaSpec):
+    def __init__(self, hf_layer, spec: LlamaSpec, attention: str = "sdpa-gqa"):
         super().__init__()
         att, mlp = hf_layer.self_attn, hf_layer.mlp
         self.spec = spec
+        self.attention = attention  # harness.targets.attention backend
         self.ln1 = hf_layer.input_layernorm.weight
         self.ln2 = hf_layer.post_attention_layernorm.weight
         self.wq, self.wk, self.wv, self.wo = att.q_proj, att.k_proj, att.v_proj, att.o_proj
@@ -112,8 +114,7 @@ class Block(nn.Module):
         k_cache[b_idx, :, slots] = k.transpose(1, 2)  # [B, T, Hkv, D] into slots
         v_cache[b_idx, :, slots] = v.transpose(1, 2)
         S = mask.shape[-1]
-        att = F.scaled_dot_product_attention(q, k_cache[:, :, :S], v_cache[:, :, :S], attn_mask=mask,
-                                             enable_gqa=s.num_heads != s.num_kv_heads)
+        att = attend(q, k_cache[:, :, :S], v_cache[:, :, :S], mask, self.attention)  # [B, Hq, T, D]
         x = x + self.wo(att.transpose(1, 2).reshape(B, T, s.num_heads * s.head_dim))
         h = rms_norm(x, self.ln2, s.rms_eps)
         return x + self.down(F.silu(self.gate(h)) * self.up(h))
@@ -128,8 +129,10 @@ class NativeLM(nn.Module):
         inner = hf_model.model
         n = spec.num_layers if num_layers is None else num_layers
         self.spec = spec
+        p = next(hf_model.parameters())
+        self.attention = choose_attention(p.device, p.dtype, spec.num_heads, spec.num_kv_heads, spec.head_dim)
         self.embed = inner.embed_tokens
-        self.blocks = nn.ModuleList(Block(layer, spec) for layer in inner.layers[:n])
+        self.blocks = nn.ModuleList(Block(layer, spec, self.attention) for layer in inner.layers[:n])
         self.norm = inner.norm.weight
         self.lm_head = hf_model.lm_head
         self.register_buffer("inv_freq", rope_inv_freq(spec).float(), persistent=False)
