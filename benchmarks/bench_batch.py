@@ -27,7 +27,7 @@ import torch
 from harness.reports.summary import batch_summary
 from harness.calibrate import calibrate, calibration_prompts, is_tree_drafter, save_calibrations
 from harness.config import RunConfig
-from harness.drafters import build_drafter
+from harness.drafters import build_drafter, is_peer
 from harness.errors import UserError
 from harness.engine.fast import enable_fast, enable_fast_drafter, resolve_fast
 from harness.runner import run
@@ -98,11 +98,8 @@ def calibrate_all(args, target, drafters: dict, batch_sizes: list[int], path: Pa
 
 
 def _batchable(name: str, drafter) -> bool:
-    try:
-        check_batchable(name, drafter)
-        return True
-    except UserError:
-        return False
+    """Every drafter of ours decodes batches (harness.engine); the transformers peers do not."""
+    return not is_peer(drafter)
 
 
 def sweep(args) -> pd.DataFrame:
@@ -126,7 +123,8 @@ def sweep(args) -> pd.DataFrame:
         drafters = {n: enable_fast_drafter(d) for n, d in drafters.items()}
     batchable = {n: _batchable(n, d) for n, d in drafters.items()}
     chains = {n: not is_tree_drafter(d) for n, d in drafters.items()}
-    calibrate_all(args, target, drafters, sizes, calib_path)
+    if "auto" in modes:  # the cost model is needed for --k auto (and predicts the fixed runs beside it)
+        calibrate_all(args, target, drafters, sizes, calib_path)
     del target, drafters
     if gpu:
         torch.cuda.empty_cache()
@@ -144,7 +142,8 @@ def sweep(args) -> pd.DataFrame:
                             dtype=args.dtype, max_len=args.max_len, out=str(args.out / "runs"), run_id=run_id,
                             overwrite=True, meter=False, warmup=args.warmup, batch_size=b,
                             command=" ".join(shlex.quote(a) for a in sys.argv),
-                            extra={"k_auto": mode == "auto", "calibration": str(calib_path)})
+                            extra={"k_auto": mode == "auto", "calibration": str(calib_path)} if "auto" in modes
+                            else {"k_auto": False})
             print(f"\n== batch size {b}, K {mode}: {', '.join(names_here)}", flush=True)
             folder = run(cfg)
             write_summary(folder)

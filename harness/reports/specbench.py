@@ -53,7 +53,7 @@ def _model_name(run_dir: Path) -> str:
 
 def _question_ids(run_dir: Path, questions: Path | None) -> dict[str, int | str] | None:
     """prompt_id -> question_id as the question file typed it; None when the run names no suite."""
-    from harness.reports.report import _read_json
+    from harness.records import _read_json
     from harness.suites import load_suite
 
     source = questions if questions is not None else _read_json(run_dir / "config.json").get("suite")
@@ -68,7 +68,7 @@ def _question_ids(run_dir: Path, questions: Path | None) -> dict[str, int | str]
 
 
 def _run_start(run_dir: Path) -> float:
-    from harness.reports.report import _read_json
+    from harness.records import _read_json
 
     started = _read_json(run_dir / "env.json").get("time")
     if isinstance(started, str):
