@@ -1,0 +1,368 @@
+"""`selfspec`: self-speculation that skips a chosen set of middle layers (Draft & Verify, Zhang et al. 2023;
+SWIFT, Xia et al. 2024). The draft model is the target without those layers: the same weights, its own KV
+cache (harness.drafters.model.ARDraftModel over a NativeTarget view). `layerskip` (early exit: the first L
+layers and the LM head) stays as the other self-speculation option.
+
+The skip set (--skip-layers): a comma-separated list, a search.json written by `spec-harness selfspec-search`,
+or `auto` (the default: search now; the chosen set and the search table go into the run's config.json under
+extra.selfspec).
+
+The search, on the `calibration` prompts (disjoint from the suites), at temperature 0:
+ 1. trajectories: the target decodes each prompt greedily (batch 1; these decodes also time `ar`);
+ 2. acceptance without decoding: one teacher-forced forward of a candidate draft model over prompt +
+    trajectory gives its greedy prediction at every position. Given that drafts 1..j-1 were accepted, draft
+    j's context is exactly the trajectory, so a chain step at position i accepts the run of consecutive
+    agreements starting at i (at most K). Simulating the steps gives the conditional acceptance a_j that
+    decoding would measure (harness.calibrate's definition);
+ 3. candidates: each layer's cost is scored by the agreement left when it alone is skipped; candidate sets
+    are the m least costly layers and the m middle layers (a contiguous block), for a few sizes m;
+ 4. the cost model (harness.calibrate.Calibration): measured t_forward(T) and t_accept(K) of the target,
+    measured t_draft(K) for each number of kept layers (it depends on the count only), the simulated a_j;
+    each candidate's predicted tok/s is that of its best K;
+ 5. the chosen set has the best predicted tok/s. Every candidate is then also decoded at its best K and timed,
+    so the table shows predicted against measured tok/s (and tau) per candidate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from harness.drafters.model import ARDraftModel
+from harness.errors import UserError
+from harness.targets.base import Target
+
+
+class SelfSpec(ARDraftModel):
+    """The skip-layer draft model; drafts chains of `k` tokens when given (the search's best K), else --k."""
+
+    def __init__(self, model, name: str, skip: tuple[int, ...], k: int | None = None):
+        super().__init__(model, name)
+        self.skip, self.k = skip, k
+
+    def _own_k(self, ctx):
+        return ctx if self.k is None else dataclasses.replace(ctx, k=self.k)
+
+    def propose(self, ctx):
+        return super().propose(self._own_k(ctx))
+
+    def observe(self, ctx, committed) -> None:
+        super().observe(self._own_k(ctx), committed)
+
+
+def skip_view(target: Target, skip, name: str = "selfspec", k: int | None = None) -> SelfSpec:
+    """The target with the layers in `skip` left out, as a draft model (shared weights, own cache)."""
+    from harness.targets.native import NativeTarget
+
+    L = target.num_layers
+    skip = tuple(sorted(set(int(s) for s in skip)))
+    if not skip or skip[0] < 0 or skip[-1] >= L or len(skip) >= L:
+        raise UserError(f"--skip-layers must name between 1 and {L - 1} distinct layers in 0..{L - 1}, got "
+                        f"{','.join(map(str, skip)) or 'none'}")
+    keep = tuple(i for i in range(L) if i not in skip)
+    hf_model = getattr(target, "hf_model", None) or getattr(target, "model", None)
+    view = NativeTarget(hf_model, target.tokenizer, f"{target.name}[skip {','.join(map(str, skip))}]",
+                        max_len=target.max_len, static=getattr(target, "static", False), layers=keep)
+    return SelfSpec(view, name, skip, k)
+
+
+@dataclass
+class SearchConfig:
+    prompts: int = 3  # calibration prompts (their first turns)
+    max_new_tokens: int = 40  # per prompt: trajectory length, and the timed decode of each candidate
+    k_max: int = 6  # largest K the cost model considers
+    protect: int = 1  # the first and last `protect` layers are never skipped
+    sizes: tuple[float, ...] = (0.15, 0.25, 0.35, 0.45)  # skip-set sizes as fractions of the layers
+    repeats: int = 5  # timed calls per measured time (medians)
+    warmup: int = 2
+    context: int = 128  # cached tokens while timing forwards and drafts
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------- acceptance by simulation
+
+def greedy_agreement(draft: ARDraftModel, seqs: list[tuple[list[int], list[int]]]) -> list[np.ndarray]:
+    """Per (prompt, trajectory): [n] bool, element j = the draft model's greedy next token after prompt +
+    trajectory[:j] equals trajectory[j] (one teacher-forced forward per sequence)."""
+    out = []
+    model = draft.model
+    with torch.inference_mode():
+        for prompt, traj in seqs:
+            model.reset(1)
+            ids = torch.tensor([prompt + traj[:-1]], dtype=torch.long, device=model.device)
+            pred = model.forward(ids).logits[0, len(prompt) - 1:].argmax(-1).cpu()  # [n]
+            out.append((pred == torch.tensor(traj)).numpy())
+    return out
+
+
+def simulate_chain(agree: np.ndarray, k: int) -> list[int]:
+    """Accepted drafts per step of greedy chain decoding with K = k along a trajectory whose first token came
+    from the prefill (never drafted); agree[j] = the draft's greedy token at trajectory position j is right."""
+    steps, i, n = [], 1, len(agree)
+    while i < n:
+        a = 0
+        while a < k and i + a < n and agree[i + a]:
+            a += 1
+        steps.append(a)
+        i += a + 1
+    return steps
+
+
+def simulated_acceptance(agreements: list[np.ndarray], k_max: int) -> tuple[list[float], int]:
+    """(conditional acceptance a_1..a_kmax, steps) of chains of k_max along the trajectories."""
+    from harness.reports.summary import acceptance_by_position
+
+    acc = [a for ag in agreements for a in simulate_chain(ag, k_max)]
+    if not acc:
+        return [math.nan] * k_max, 0
+    _, cond = acceptance_by_position(np.asarray(acc), np.full(len(acc), k_max), k_max)
+    return [float(c) for c in cond], len(acc)
+
+
+# ----------------------------------------------------------------------------- candidates and choice
+
+def candidate_sets(num_layers: int, layer_score: dict[int, float], cfg: SearchConfig) -> list[tuple[int, ...]]:
+    """Skip sets to try: for each size m, the m layers whose lone removal keeps the most agreement, and
+    the m middle layers of the skippable range. Deduplicated, in order."""
+    lo, hi = cfg.protect, num_layers - cfg.protect  # skippable: lo .. hi-1
+    span = hi - lo
+    if span < 1:
+        raise UserError(f"the target has {num_layers} layers: none is left to skip with protect={cfg.protect}")
+    ranked = sorted(layer_score, key=lambda l: (-layer_score[l], l))
+    sizes = sorted({min(span, max(1, round(f * num_layers))) for f in cfg.sizes})
+    out: list[tuple[int, ...]] = []
+    for m in sizes:
+        for cand in (tuple(sorted(ranked[:m])), tuple(range(lo + (span - m) // 2, lo + (span - m) // 2 + m))):
+            if cand not in out:
+                out.append(cand)
+    return out
+
+
+def choose(rows: list[dict]) -> dict:
+    """The candidate of best predicted tok/s (fewer skipped layers on ties)."""
+    return max(rows, key=lambda r: (r["predicted_tok_s"], -len(r["skip"])))
+
+
+@dataclass
+class Timings:
+    """What the cost model needs besides acceptance, measured once per target (batch 1)."""
+
+    t_forward: dict[int, float]  # tokens per forward -> seconds
+    t_accept: dict[int, float]  # K -> seconds
+    t_draft: dict[int, dict[int, float]]  # kept layers -> K -> seconds
+
+
+def predict(timings: Timings, kept: int, accept_cond: list[float], k_max: int, target_name: str = "target"):
+    """(best K, prediction dict) from the cost model for a draft model that keeps `kept` layers."""
+    from harness.calibrate import Calibration
+
+    cal = Calibration(target=target_name, drafter="selfspec", device="", dtype="", temperature=0.0, k_max=k_max,
+                      context=0, batch_sizes=[1], t_forward={1: timings.t_forward}, t_draft={1: timings.t_draft[kept]},
+                      t_accept={1: timings.t_accept}, accept_cond=accept_cond, draft_avail=[1.0] * k_max)
+    k = cal.best_k(1)
+    return k, cal.predict(1, k)
+
+
+# ----------------------------------------------------------------------------- the search
+
+def search(target: Target, cfg: SearchConfig | None = None, prompts=None, timings: Timings | None = None,
+           measure: bool = True) -> dict:
+    """Runs the search (module docstring). Returns {"skip": chosen set, "k": its best K, "table": rows,
+    "config": cfg, ...}. `timings` replaces the measured times (tests); measure=False skips the timed decodes."""
+    from harness.calibrate import calibration_prompts, measure_accept, measure_draft, measure_forward
+    from harness.drafters.ar import AR
+    from harness.engine.step import decode
+    from harness.runner import eos_ids, prompt_ids
+
+    cfg = cfg or SearchConfig()
+    prompts = prompts if prompts is not None else calibration_prompts(cfg.prompts)
+    L = target.num_layers
+    eos = eos_ids(target)
+    bar = tqdm(total=3, desc="selfspec search", unit="stage", dynamic_ncols=True)
+
+    # 1. trajectories
+    seqs = []
+    for p in prompts:
+        ids = prompt_ids(target.tokenizer, [{"role": "user", "content": p.turns[0]}]) if hasattr(p, "turns") else list(p)
+        dec = decode(target, AR(), ids, max_new_tokens=cfg.max_new_tokens, k=1, temperature=0.0, seed=cfg.seed,
+                     eos_ids=eos)
+        if len(dec.new_ids) > 1:
+            seqs.append((ids, dec.new_ids))
+    if not seqs:
+        raise UserError("the selfspec search needs calibration prompts whose answers have 2 tokens or more")
+    bar.update()
+
+    # 2. each layer's cost alone, then the candidates' acceptance
+    bar.set_postfix_str("layer scores")
+    layer_score = {}
+    for l in range(cfg.protect, L - cfg.protect):
+        ag = greedy_agreement(skip_view(target, (l,)), seqs)
+        layer_score[l] = float(np.concatenate(ag).mean())
+    cands = candidate_sets(L, layer_score, cfg)
+    rows, agreements = [], []
+    for skip in cands:
+        ag = greedy_agreement(skip_view(target, skip), seqs)
+        cond, steps = simulated_acceptance(ag, cfg.k_max)
+        agreements.append(ag)
+        rows.append(dict(skip=list(skip), kept=L - len(skip), agreement=float(np.concatenate(ag).mean()),
+                         accept_cond=cond, sim_steps=steps))
+    bar.update()
+
+    # 3. the cost model
+    bar.set_postfix_str("timing")
+    if timings is None:
+        context_ids = (seqs[0][0] * (cfg.context // len(seqs[0][0]) + 1))[:cfg.context]
+        fwd, _ = measure_forward(target, [1], list(range(1, cfg.k_max + 2)), context_ids, cfg.repeats, cfg.warmup)
+        acc, _ = measure_accept(target, [1], cfg.k_max, True, 0.0, cfg.seed, "auto", cfg.repeats, cfg.warmup,
+                                cfg.context)
+        drafts = {}
+        for kept in sorted({r["kept"] for r in rows}):
+            skip = next(r["skip"] for r in rows if r["kept"] == kept)
+            d, _ = measure_draft(target, skip_view(target, skip), [1], cfg.k_max, context_ids, 0.0, cfg.seed,
+                                 cfg.repeats, cfg.warmup)
+            drafts[kept] = d[1]
+        timings = Timings(t_forward=fwd[1], t_accept=acc[1], t_draft=drafts)
+        target.reset(1)
+    for r, ag in zip(rows, agreements):
+        k, pred = predict(timings, r["kept"], r["accept_cond"], cfg.k_max, target.name)
+        r.update(k=k, **pred, sim_accepted=[sum(simulate_chain(a, k)) for a in ag])  # per prompt, at that K
+    best = choose(rows)
+    for r in rows:
+        r["chosen"] = r is best
+
+    # 4. ar and every candidate decoded (at its best K) and timed, each after a warm-up decode
+    ar_tok_s = math.nan
+    if measure:
+        bar.set_postfix_str("timed decodes")
+        ar_tok_s = timed_decode(target, AR(), seqs, 1, cfg, eos)["measured_tok_s"]
+        for r in tqdm(rows, desc="selfspec candidates", unit="set", dynamic_ncols=True, leave=False):
+            r.update(timed_decode(target, skip_view(target, r["skip"]), seqs, r["k"], cfg, eos))
+            r["measured_speedup"] = r["measured_tok_s"] / ar_tok_s
+        top = max(rows, key=lambda r: r["measured_tok_s"])
+        for r in rows:
+            r["best_measured"] = r is top
+    bar.update()
+    bar.close()
+    target.reset(1)
+    return dict(skip=best["skip"], k=best["k"], num_layers=L, target=target.name, ar_tok_s=ar_tok_s,
+                layer_agreement={str(l): s for l, s in layer_score.items()}, table=rows,
+                chosen_is_best_measured=bool(best.get("best_measured")) if measure else None,
+                config=asdict(cfg), prompts=[getattr(p, "prompt_id", str(i)) for i, p in enumerate(prompts)])
+
+
+def timed_decode(target, drafter, seqs, k: int, cfg: SearchConfig, eos) -> dict:
+    """Decodes every prompt of `seqs` at batch 1 after one short warm-up decode; tok/s, tau, accept rate and
+    the accepted drafts per prompt."""
+    from harness.engine.step import decode
+
+    decode(target, drafter, seqs[0][0], max_new_tokens=8, k=k, temperature=0.0, seed=cfg.seed, eos_ids=eos)
+    tokens, wall, emitted, steps, drafted, per_prompt = 0, 0.0, 0, 0, 0, []
+    for ids, _ in seqs:
+        t0 = time.perf_counter()
+        dec = decode(target, drafter, ids, max_new_tokens=cfg.max_new_tokens, k=k, temperature=0.0, seed=cfg.seed,
+                     eos_ids=eos)
+        wall += time.perf_counter() - t0
+        tokens += len(dec.new_ids)
+        emitted += sum(s["emitted"] for s in dec.steps)
+        steps += len(dec.steps)
+        drafted += sum(s["drafted"] for s in dec.steps)
+        per_prompt.append(sum(s["accepted"] for s in dec.steps))
+    return dict(measured_tok_s=tokens / wall, measured_tau=emitted / max(steps, 1),
+                measured_accept_rate=sum(per_prompt) / max(drafted, 1), measured_accepted=per_prompt)
+
+
+def format_table(result: dict) -> str:
+    from harness.reports.summary import markdown_table
+
+    rows = []
+    for r in result["table"]:
+        mark = (" *" if r["chosen"] else "") + (" (best measured)" if r.get("best_measured") else "")
+        rows.append([",".join(map(str, r["skip"])) + mark, str(r["kept"]), f"{r['agreement']:.2f}", str(r["k"]),
+                     f"{r['predicted_tau']:.2f}", f"{r['predicted_tok_s']:.1f}", f"{r['predicted_speedup']:.2f}x",
+                     _fmt(r.get("measured_tau"), "{:.2f}"), _fmt(r.get("measured_tok_s"), "{:.1f}"),
+                     _fmt(r.get("measured_speedup"), "{:.2f}x")])
+    return markdown_table(["skip (* chosen)", "kept", "agreement", "K", "pred tau", "pred tok/s", "pred speedup",
+                           "meas tau", "meas tok/s", "meas speedup"], rows)
+
+
+def _fmt(v, fmt: str) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+
+
+# ----------------------------------------------------------------------------- runs
+
+def resolve_skip(target: Target, spec: str | None, cfg) -> tuple[tuple[int, ...], int | None, dict | None]:
+    """--skip-layers: (skip set, K the search chose or None, search result or None)."""
+    spec = (spec or "auto").strip()
+    if spec == "auto":
+        result = search(target)
+        print(format_table(result))
+        return tuple(result["skip"]), result["k"], result
+    if spec.endswith(".json"):
+        path = Path(spec)
+        if not path.is_file():
+            raise UserError(f"--skip-layers {spec}: file not found (write one with `spec-harness selfspec-search`)")
+        try:
+            result = json.loads(path.read_text(encoding="utf-8"))
+            skip = tuple(int(x) for x in result["skip"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise UserError(f"--skip-layers {spec} is not a search file from `spec-harness selfspec-search`") from None
+        if result.get("target") not in (None, target.name):
+            raise UserError(f"--skip-layers {spec} was searched on target {result['target']}, not {target.name}")
+        return skip, result.get("k"), result
+    try:
+        skip = tuple(int(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"--skip-layers takes auto, a search .json or comma-separated layer indices, got {spec!r}") from None
+    return skip, None, None
+
+
+def build_selfspec(target: Target, cfg) -> SelfSpec:
+    skip, k, result = resolve_skip(target, cfg.skip_layers, cfg)
+    drafter = skip_view(target, skip, k=k)
+    cfg.extra["selfspec"] = dict(skip=list(skip), searched_k=k, search=result)  # recorded in config.json
+    return drafter
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("selfspec-search", help="search the layers selfspec skips (predicted vs measured tok/s)",
+                              description="Search the set of layers the selfspec drafter skips, on the calibration "
+                                          "prompts, by the cost model's predicted tok/s; every candidate is also "
+                                          "decoded and timed.")
+    d = SearchConfig()
+    p.add_argument("--target", default="smollm2-135m", help="preset, model folder, .gguf or hub id")
+    p.add_argument("--out", required=True, type=Path, help="the search.json to write (pass it to --skip-layers)")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-len", type=int, default=2048)
+    p.add_argument("--prompts", type=int, default=d.prompts, help=f"calibration prompts (default {d.prompts})")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--k-max", type=int, default=d.k_max)
+    p.set_defaults(func=cmd_search)
+
+
+def cmd_search(args) -> int:
+    from harness.targets import load_target
+
+    if args.prompts < 1 or args.max_new_tokens < 2 or not 1 <= args.k_max <= 16:
+        raise UserError("--prompts must be >= 1, --max-new-tokens >= 2 and --k-max in 1..16")
+    target = load_target(args.target, backend=args.backend, device=args.device, dtype=args.dtype, max_len=args.max_len)
+    result = search(target, SearchConfig(prompts=args.prompts, max_new_tokens=args.max_new_tokens, k_max=args.k_max))
+    print(format_table(result))
+    print(f"\nchosen: skip {','.join(map(str, result['skip']))} at K = {result['k']}; "
+          f"best measured tok/s among the candidates: {'yes' if result['chosen_is_best_measured'] else 'no'}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1, allow_nan=True), encoding="utf-8")
+    print(f"search: {args.out}")
+    return 0
