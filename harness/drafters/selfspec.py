@@ -17,7 +17,8 @@ The search, on the `calibration` prompts (disjoint from the suites), at temperat
  3. candidates: each layer's cost is scored by the agreement left when it alone is skipped; candidate sets
     are the m least costly layers and the m middle layers (a contiguous block), for a few sizes m;
  4. the cost model (harness.calibrate.Calibration): measured t_forward(T) and t_accept(K) of the target,
-    measured t_draft(K) for each number of kept layers (it depends on the count only), the simulated a_j;
+    measured t_draft(K) for each number of kept layers (it depends on the count only; `measure_times`:
+    interleaved rounds, fastest call kept), the simulated a_j;
     each candidate's predicted tok/s is that of its best K;
  5. the chosen set has the best predicted tok/s. ar and every candidate are then also decoded (at its best K)
     and timed, so the table shows predicted against measured tok/s, tau and speedup per candidate, and the
@@ -168,6 +169,55 @@ class Timings:
     t_draft: dict[int, dict[int, float]]  # kept layers -> K -> seconds
 
 
+def measure_times(target: Target, drafters: dict, context_ids: list[int], cfg: SearchConfig) -> Timings:
+    """The cost model's times at batch 1 after `context` cached tokens: every forward size and every draft
+    model and K are timed in turn, `warmup` + `repeats` rounds, and each keeps its fastest timed call (the
+    least disturbed by other work on a shared machine). Verification: harness.calibrate.measure_accept."""
+    from harness.calibrate import measure_accept
+    from harness.drafters.base import Committed, DraftContext
+
+    dev, K = target.device, cfg.k_max
+    target.reset(1)
+    target.prefill(torch.tensor([context_ids], dtype=torch.long, device=dev))
+    fwd_ids = {t: torch.tensor([(context_ids * (t // len(context_ids) + 1))[:t]], dtype=torch.long, device=dev)
+               for t in range(1, K + 2)}
+    ctxs = {kept: DraftContext(history=[list(context_ids)], k=K, temperature=0.0, seed=cfg.seed, device=dev)
+            for kept in drafters}
+    rejected = Committed(num_accepted=torch.zeros(1, dtype=torch.long, device=dev), accepted=[0],
+                         emitted=[[context_ids[-1]]])
+    for kept, d in drafters.items():  # the first proposal feeds the whole context: never timed
+        d.begin(ctxs[kept])
+        d.propose(ctxs[kept])
+        d.observe(ctxs[kept], rejected)
+    t_fwd = {t: math.inf for t in fwd_ids}
+    t_draft = {kept: {k: math.inf for k in range(1, K + 1)} for kept in drafters}
+
+    def timed(fn) -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter() - t0
+
+    with torch.inference_mode():
+        for rnd in range(cfg.warmup + cfg.repeats):
+            for t, ids in fwd_ids.items():
+                dt = timed(lambda: target.forward(ids))  # no commit: the same slots every time
+                t_fwd[t] = min(t_fwd[t], dt) if rnd >= cfg.warmup else t_fwd[t]
+            for kept, d in drafters.items():
+                ctx = ctxs[kept]
+                for k in range(1, K + 1):
+                    ctx.k = k
+                    dt = timed(lambda: d.propose(ctx))
+                    d.observe(ctx, rejected)
+                    t_draft[kept][k] = min(t_draft[kept][k], dt) if rnd >= cfg.warmup else t_draft[kept][k]
+    acc, _ = measure_accept(target, [1], K, True, 0.0, cfg.seed, "auto", cfg.repeats, cfg.warmup, cfg.context)
+    target.reset(1)
+    return Timings(t_forward=t_fwd, t_accept=acc[1], t_draft=t_draft)
+
+
 def predict(timings: Timings, kept: int, accept_cond: list[float], k_max: int, target_name: str = "target"):
     """(best K, prediction dict) from the cost model for a draft model that keeps `kept` layers."""
     from harness.calibrate import Calibration
@@ -185,7 +235,7 @@ def search(target: Target, cfg: SearchConfig | None = None, prompts=None, timing
            measure: bool = True) -> dict:
     """Runs the search (module docstring). Returns {"skip": chosen set, "k": its best K, "table": rows,
     "config": cfg, ...}. `timings` replaces the measured times (tests); measure=False skips the timed decodes."""
-    from harness.calibrate import calibration_prompts, measure_accept, measure_draft, measure_forward
+    from harness.calibrate import calibration_prompts
     from harness.drafters.ar import AR
     from harness.engine.step import decode
     from harness.runner import eos_ids, prompt_ids
@@ -228,16 +278,10 @@ def search(target: Target, cfg: SearchConfig | None = None, prompts=None, timing
     bar.set_postfix_str("timing")
     if timings is None:
         context_ids = (seqs[0][0] * (cfg.context // len(seqs[0][0]) + 1))[:cfg.context]
-        fwd, _ = measure_forward(target, [1], list(range(1, cfg.k_max + 2)), context_ids, cfg.repeats, cfg.warmup)
-        acc, _ = measure_accept(target, [1], cfg.k_max, True, 0.0, cfg.seed, "auto", cfg.repeats, cfg.warmup,
-                                cfg.context)
-        drafts = {}
-        for kept in sorted({r["kept"] for r in rows}):
-            skip = next(r["skip"] for r in rows if r["kept"] == kept)
-            d, _ = measure_draft(target, skip_view(target, skip), [1], cfg.k_max, context_ids, 0.0, cfg.seed,
-                                 cfg.repeats, cfg.warmup)
-            drafts[kept] = d[1]
-        timings = Timings(t_forward=fwd[1], t_accept=acc[1], t_draft=drafts)
+        drafters = {}
+        for r in rows:
+            drafters.setdefault(r["kept"], skip_view(target, r["skip"]))
+        timings = measure_times(target, drafters, context_ids, cfg)
         target.reset(1)
     for r, ag in zip(rows, agreements):
         k, pred = predict(timings, r["kept"], r["accept_cond"], cfg.k_max, target.name)
@@ -269,6 +313,7 @@ def search(target: Target, cfg: SearchConfig | None = None, prompts=None, timing
     bar.close()
     target.reset(1)
     return dict(skip=best["skip"], k=best["k"], num_layers=L, target=target.name, ar_tok_s=ar_tok_s,
+                timings=asdict(timings),
                 layer_agreement={str(l): s for l, s in layer_score.items()}, table=rows,
                 chosen_is_best_measured=bool(best.get("best_measured")) if measure else None,
                 config=asdict(cfg), prompts=[getattr(p, "prompt_id", str(i)) for i, p in enumerate(prompts)])

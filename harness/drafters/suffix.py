@@ -164,6 +164,7 @@ class _Row:
 class SuffixDrafter(Drafter):
     name = "suffix"
     has_q = False
+    tree = "suffix"  # drafts trees (harness.calibrate.is_tree_drafter: --k auto refuses it)
 
     def __init__(self, cfg: SuffixConfig | None = None, corpus: list[list[int]] | None = None):
         self.cfg = cfg or SuffixConfig()
