@@ -193,7 +193,7 @@ class SuffixDrafter(Drafter):
             self.global_trie.start_sequence()
             self.global_trie.extend(out)
 
-    def _sync(self, ctx: DraftContext) -> None:
+    def sync(self, ctx: DraftContext) -> None:
         for row, hist in zip(self.rows, ctx.history):
             if len(hist) > len(row.tokens):
                 new = hist[len(row.tokens):]
@@ -225,7 +225,7 @@ class SuffixDrafter(Drafter):
         self.rows = [self.rows[r] for r in rows]
 
     def observe(self, ctx: DraftContext, committed: Committed) -> None:
-        self._sync(ctx)
+        self.sync(ctx)
 
     # -- drafting -----------------------------------------------------------------------------------
     def tree_for(self, context: list[int], row: _Row | None = None) -> tuple[list, list, list, str]:
@@ -246,7 +246,7 @@ class SuffixDrafter(Drafter):
         return (*best, source)
 
     def propose(self, ctx: DraftContext) -> Proposal:
-        self._sync(ctx)
+        self.sync(ctx)
         trees = []
         self.last_choice = []
         for row, hist in zip(self.rows, ctx.history):
