@@ -213,3 +213,25 @@ def test_sampling_keeps_the_target_distribution():
     obs = torch.cat([counts[big], counts[~big].sum()[None]])
     exp = torch.cat([expected[big], expected[~big].sum()[None]])
     assert chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue > 1e-3
+
+
+def test_corpus_file_fills_the_global_trie_and_bad_lines_are_refused(tmp_path):
+    from conftest import byte_tokenizer
+
+    from harness.drafters.suffix import read_corpus
+    from harness.errors import UserError
+
+    tok = byte_tokenizer()
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"text": "the quick brown fox"}\n"jumps over"\n')
+    corpus = read_corpus(str(path), tok)
+    assert corpus == [tok("the quick brown fox")["input_ids"], tok("jumps over")["input_ids"]]
+    d = SuffixDrafter(SuffixConfig(min_score=0.0, prior=0.0), corpus)
+    ctx = tok("a quick b")["input_ids"]
+    toks, _, _, source = d.tree_for(ctx)
+    assert source == "global" and toks[:3] == tok("row")["input_ids"]  # " b" -> "rown fox"
+    path.write_text('{"text": 3}\n')
+    with pytest.raises(UserError, match="corpus.jsonl:1"):
+        read_corpus(str(path), tok)
+    with pytest.raises(UserError, match="not found"):
+        read_corpus(str(tmp_path / "none.txt"), tok)
