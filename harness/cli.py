@@ -14,6 +14,7 @@ from harness.errors import UserError
 COMMANDS = (
     "harness.run_cli",
     "harness.reports.summary", "harness.reports.report", "harness.reports.specbench", "harness.calibrate", "harness.profile",
+    "harness.selfspec_search",
     "harness.training.train_head", "harness.meter.ngram_base", "harness.meter.surplus", "harness.meter.probe",
 )
 

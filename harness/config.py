@@ -29,6 +29,10 @@ class RunConfig:
     meter: bool = True  # information-surplus meter on/off
     meter_base: str | None = None  # n-gram base for the meter (default: the one shipped for the target, if any)
     layerskip_layers: int | None = None  # default: a third of the target's layers
+    skip_layers: str | None = None  # selfspec: auto (search now) | search.json | comma-separated layers
+    suffix_max_nodes: int = 10  # suffix: draft nodes per step at most
+    suffix_alpha: float = 2.0  # suffix: node budget per matched token (SuffixDecoding's max_spec = alpha * match)
+    suffix_corpus: str | None = None  # suffix: a .txt / .jsonl corpus added to the global suffix trie
     draft_model: str | None = None  # for the `model` drafter: preset, folder, .gguf or hub id
     head: str | None = None  # for eagle drafters: head folder (default: the one shipped for the target)
     depth: int | None = None  # eagle trees: draft depth

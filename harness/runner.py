@@ -189,6 +189,10 @@ def run(cfg: RunConfig, out: Path | None = None, rank: int = 0, world: int = 1, 
     if cfg.fast:
         target = enable_fast(target, mode=cfg.fast_mode)
     names = ["ar"] + [d for d in cfg.drafters if d != "ar"] if "ar" in cfg.drafters else list(cfg.drafters)
+    if "selfspec" in names and (cfg.skip_layers or "auto").strip() == "auto":
+        from harness.selfspec_search import format_table as search_table, search
+        cfg.extra["selfspec_search"] = search(target)  # the skip set, chosen on the calibration prompts
+        print(search_table(cfg.extra["selfspec_search"]))
     drafters = {name: build_drafter(name, target, cfg) for name in names}
     if cfg.fast:  # drafters that run a native model of their own replay graphs too
         drafters = {name: enable_fast_drafter(d, cfg.fast_mode) for name, d in drafters.items()}

@@ -77,6 +77,8 @@ def drafters(target, bigram_target, bigram_model):
     tree = TreeShape(depth=4, top_k=3, total_tokens=9)
     return {
         "ngram": (target, lambda: build_drafter("ngram", target, cfg)),
+        "suffix": (target, lambda: build_drafter("suffix", target, cfg)),
+        "selfspec": (target, lambda: build_drafter("selfspec", target, RunConfig(k=3, skip_layers="1,2"))),
         "layerskip": (target, lambda: build_drafter("layerskip", target, cfg)),
         "model": (target, lambda: ARDraftModel(draft_model, "model")),
         "eagle-chain": eagle("eagle", None),
@@ -87,7 +89,7 @@ def drafters(target, bigram_target, bigram_model):
     }
 
 
-DRAFTERS = ("ngram", "layerskip", "model", "eagle-chain", "eagle-tree", "eagle3-chain", "eagle3-tree",
+DRAFTERS = ("ngram", "suffix", "selfspec", "layerskip", "model", "eagle-chain", "eagle-tree", "eagle3-chain", "eagle3-tree",
             "eagle-tree-random")
 
 
@@ -127,7 +129,7 @@ def test_every_drafter_equals_ar(cases, reference, batch1_steps, name, batch_siz
         assert trace == batch1_steps[name]
     assert [len(got[p][0]["output_ids"]) for p in ("p1", "p3")] == [2, 3]
     accepted = sum(s["accepted"] for _, steps in got.values() for s in steps)
-    if not name.endswith("random") and name != "ngram":
+    if not name.endswith("random") and name not in ("ngram", "suffix", "selfspec"):
         assert accepted > 0  # the drafts were exercised, not just rejected
     for fields, steps in got.values():
         assert 0 < fields["wall_s"] <= wall
@@ -184,7 +186,7 @@ def test_tree_mask_on_device_matches_ancestors():
                 assert {s for s in range(T) if mask[b, t, s]} == anc
 
 
-@pytest.mark.parametrize("name", ["ngram", "model", "eagle-chain", "eagle-tree"])
+@pytest.mark.parametrize("name", ["ngram", "suffix", "model", "eagle-chain", "eagle-tree"])
 def test_one_device_read_per_step(cases, name, monkeypatch):
     """Inside the step, harness code reads the device once (the verifier's result). The float64 reference
     verifier (kernels/, the CPU stand-in for the Triton kernels) is not counted."""

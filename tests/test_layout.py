@@ -19,7 +19,7 @@ LAYERS = [
     {"harness.engine"},
     {"harness.meter", "harness.training"},
     {"harness.reports"},
-    {"harness.calibrate"},
+    {"harness.calibrate", "harness.selfspec_search"},
     {"harness.runner", "harness.distributed"},
     {"harness.profile"},
     {"harness.cli", "harness.run_cli", "harness.__main__", "harness"},

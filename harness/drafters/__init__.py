@@ -1,6 +1,6 @@
 """Drafters, one protocol (base.py). Names used on the command line:
 
-ar, ngram, layerskip, model, eagle, eagle3, and the peers hf-generate, hf-prompt-lookup."""
+ar, ngram, suffix, layerskip, selfspec, model, eagle, eagle3, and the peers hf-generate, hf-prompt-lookup."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from harness.errors import UserError
 DRAFTERS = {
     "ar": "no drafting: the baseline (K = 0) through the same loop",
     "ngram": "prompt lookup: propose what followed the last n tokens earlier in the context",
-    "layerskip": "self-speculation with the target's first L layers (--layerskip-layers)",
+    "suffix": "suffix decoding: trees from suffix tries of the prompt, this answer and earlier answers (--suffix-*)",
+    "layerskip": "self-speculation, early exit: the target's first L layers (--layerskip-layers)",
+    "selfspec": "self-speculation, layer skipping: the target without a searched set of layers (--skip-layers)",
     "model": "an independent draft model sharing the target's tokenizer (--draft-model)",
     "eagle": "EAGLE-1/2 head on the target's last hidden state (--head; trees with --total-tokens)",
     "eagle3": "EAGLE-3 head on fused low/middle/high hidden states (--head)",
@@ -42,6 +44,13 @@ def build_drafter(name: str, target, cfg):
         return AR()
     if name == "ngram":
         return NGram()
+    if name == "suffix":
+        from harness.drafters.suffix import SuffixConfig, SuffixDrafter, read_corpus
+        corpus = read_corpus(cfg.suffix_corpus, target.tokenizer) if cfg.suffix_corpus else None
+        return SuffixDrafter(SuffixConfig(max_nodes=cfg.suffix_max_nodes, alpha=cfg.suffix_alpha), corpus)
+    if name == "selfspec":
+        from harness.drafters.selfspec import build_selfspec
+        return build_selfspec(target, cfg)
     if name == "layerskip":
         return layerskip(target, cfg.layerskip_layers or max(1, target.num_layers // 3))
     if name == "model":

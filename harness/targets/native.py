@@ -123,16 +123,17 @@ class Block(nn.Module):
 class NativeLM(nn.Module):
     """The Llama-family forward over a slot-indexed cache. Shares its weights with a transformers model."""
 
-    def __init__(self, hf_model, num_layers: int | None = None):
+    def __init__(self, hf_model, num_layers: int | None = None, layers: tuple[int, ...] | None = None):
         super().__init__()
         spec = LlamaSpec.from_hf_config(hf_model.config)
         inner = hf_model.model
         n = spec.num_layers if num_layers is None else num_layers
+        layers = tuple(range(n)) if layers is None else layers  # the decoder layers run, in order (selfspec skips some)
         self.spec = spec
         p = next(hf_model.parameters())
         self.attention = choose_attention(p.device, p.dtype, spec.num_heads, spec.num_kv_heads, spec.head_dim)
         self.embed = inner.embed_tokens
-        self.blocks = nn.ModuleList(Block(layer, spec, self.attention) for layer in inner.layers[:n])
+        self.blocks = nn.ModuleList(Block(inner.layers[i], spec, self.attention) for i in layers)
         self.norm = inner.norm.weight
         self.lm_head = hf_model.lm_head
         self.register_buffer("inv_freq", rope_inv_freq(spec).float(), persistent=False)
@@ -162,8 +163,8 @@ class NativeTarget(Target):
     backend = "native"
 
     def __init__(self, hf_model, tokenizer, name: str, max_len: int = 2048, num_layers: int | None = None,
-                 static: bool = False):
-        self.model = NativeLM(hf_model, num_layers=num_layers).eval()
+                 static: bool = False, layers: tuple[int, ...] | None = None):
+        self.model = NativeLM(hf_model, num_layers=num_layers, layers=layers).eval()
         self.hf_model = hf_model
         self.tokenizer = tokenizer
         self.name = name

@@ -1,0 +1,237 @@
+"""Suffix decoding (harness.drafters.suffix): the suffix trie (matches, counts, incremental updates), the
+adaptive tree, rows joining and leaving, equality with `ar` at temperature 0 and the target's
+distribution at temperature > 0."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from harness.drafters.ar import AR
+from harness.drafters.base import Committed, DraftContext
+from harness.drafters.suffix import SuffixConfig, SuffixDrafter, SuffixTrie
+from harness.engine.scheduler import decode
+from harness.targets import build_target
+
+PROMPTS = [
+    [5, 9, 13, 17, 5, 9, 13, 40, 41, 42, 5, 9],
+    list(range(60, 90)),
+    [100, 101, 102, 103] * 5,
+]
+
+
+def substrings(seq, D):
+    out = {}
+    for i in range(len(seq)):
+        for j in range(i + 1, min(len(seq), i + D) + 1):
+            out[tuple(seq[i:j])] = out.get(tuple(seq[i:j]), 0) + 1
+    return out
+
+
+def trie_counts(trie):
+    out, stack = {}, [(0, ())]
+    while stack:
+        n, path = stack.pop()
+        if path:
+            out[path] = trie.count[n]
+        for tok, c in (trie.children[n] or {}).items():
+            stack.append((c, path + (tok,)))
+    return out
+
+
+def test_trie_counts_every_substring_up_to_its_depth_incrementally():
+    seq = [1, 2, 3, 1, 2, 4, 1, 2, 3, 3]
+    whole = SuffixTrie(4)
+    whole.extend(seq)
+    assert trie_counts(whole) == substrings(seq, 4)
+    pieces = SuffixTrie(4)  # token by token, as committed tokens arrive
+    for t in seq:
+        pieces.extend([t])
+    assert trie_counts(pieces) == trie_counts(whole)
+    assert whole.count[whole.find([1, 2])] == 3 and whole.find([2, 1]) is None
+    assert whole.size == len(seq)
+
+
+def test_sequences_do_not_join_across_a_boundary():
+    trie = SuffixTrie(4)
+    trie.extend([1, 2])
+    trie.start_sequence()
+    trie.extend([3, 4])
+    assert trie.find([2, 3]) is None and trie.find([3, 4]) is not None
+    assert trie_counts(trie) == {**substrings([1, 2], 4), **substrings([3, 4], 4)}
+
+
+def test_match_is_the_longest_suffix_with_a_continuation():
+    trie = SuffixTrie(8)
+    ctx = [7, 1, 2, 3, 9, 9, 2, 3, 5, 1, 2, 3]
+    trie.extend(ctx)
+    node, m = trie.match(ctx, max_match=6)
+    assert m == 3 and trie.children[node] and set(trie.children[node]) == {9}  # "1 2 3" was followed by 9
+    node, m = trie.match(ctx, max_match=2)
+    assert m == 2 and set(trie.children[node]) == {9, 5}  # "2 3": followed by 9 and by 5
+    assert trie.match([4, 4], 4) == (-1, 0)  # never seen
+
+
+def test_expand_is_best_first_with_counts_and_respects_budget_and_min_prob():
+    trie = SuffixTrie(8)
+    for cont in ([5, 6], [5, 6], [5, 7], [8, 9]):  # after "1": 5 three times, 8 once
+        trie.start_sequence()
+        trie.extend([1] + cont)
+    node = trie.find([1])
+    toks, pars, deps, scores = trie.expand(node, budget=10, min_prob=0.0, max_depth=4)
+    assert toks[0] == 5 and scores[0] == pytest.approx(0.75)
+    assert scores == sorted(scores, reverse=True)  # best first
+    by = {(t, d): s for t, d, s in zip(toks, deps, scores)}
+    assert by[(6, 2)] == pytest.approx(0.75 * 2 / 3) and by[(8, 1)] == pytest.approx(0.25)
+    assert all(p < i for i, p in enumerate(pars))  # a parent comes before its children
+    assert len(trie.expand(node, budget=2, min_prob=0.0, max_depth=4)[0]) == 2
+    assert trie.expand(node, budget=10, min_prob=0.3, max_depth=4)[0] == [5, 6]  # 0.75, 0.5; 0.25 dropped
+    # the match-length confidence m / (m + prior) lowers every factor; longer matches are trusted more
+    short = trie.expand(node, 10, 0.0, 4, match_len=1, prior=2.0)[3]
+    long = trie.expand(node, 10, 0.0, 4, match_len=6, prior=2.0)[3]
+    assert short[0] == pytest.approx(0.75 / 3) and long[0] == pytest.approx(0.75 * 6 / 8)
+
+
+def test_tree_size_adapts_to_the_match_length():
+    cfg = SuffixConfig(max_match=8, max_depth=12, max_nodes=50, alpha=1.0, min_prob=0.0, prior=0.0, min_score=0.0)
+    d = SuffixDrafter(cfg)
+    body = list(range(10, 30))
+    short_ctx = body + [99, 10]  # "10" matched: 1 token
+    long_ctx = body + [99] + body[:5]  # "10 .. 14" matched: 5 tokens
+    assert len(d.tree_for(short_ctx)[0]) == 1
+    toks = d.tree_for(long_ctx)[0]
+    assert len(toks) == 5 and toks == body[5:10]
+
+
+def ctx_of(histories):
+    return DraftContext(history=[list(h) for h in histories], k=4, temperature=0.0, seed=0, device=torch.device("cpu"))
+
+
+def test_global_trie_learns_finished_outputs_and_wins_when_it_matches_better():
+    cfg = SuffixConfig(min_score=0.0, prior=0.0)
+    d = SuffixDrafter(cfg)
+    answer = [40, 41, 42, 43, 44, 45]
+    ctx = ctx_of([[1, 2, 3] + answer])  # a prompt of 3 tokens plus its answer (the first token emitted at begin)
+    d.begin(ctx_of([[1, 2, 3, answer[0]]]))
+    d.observe(ctx, Committed(num_accepted=torch.zeros(1), accepted=[0], emitted=[answer[1:]]))
+    assert d.global_trie.size == 0  # not yet: the turn is still going
+    d.begin(ctx_of([[7, 8, 40, 41]]))  # the next prompt starts: the answer joins the global trie
+    assert d.global_trie.size == len(answer) - 1 + 1  # the answer (prompt excluded; first token included)
+    toks, pars, deps, source = d.tree_for([7, 8, 40, 41], d.rows[0])
+    assert source == "global" and toks[:4] == [42, 43, 44, 45]
+
+
+def test_rows_join_leave_and_batch_proposals_equal_one_row_proposals():
+    cfg = SuffixConfig(min_score=0.0, prior=0.0)
+    hists = [PROMPTS[0], PROMPTS[2], [1, 2, 3, 1, 2], PROMPTS[1][:8] + PROMPTS[1][:3]]
+    batch = SuffixDrafter(cfg)
+    batch.begin(ctx_of(hists))
+    prop = batch.propose(ctx_of(hists))
+    assert prop.is_tree and prop.tokens.shape[0] == 4
+    for b, h in enumerate(hists):
+        one = SuffixDrafter(cfg)
+        one.begin(ctx_of([h]))
+        p1 = one.propose(ctx_of([h]))
+        n = int(p1.num_nodes[0])
+        assert int(prop.num_nodes[b]) == n
+        assert prop.tokens[b, 1:n].tolist() == p1.tokens[0, 1:n].tolist()
+        assert prop.parents[b, :n].tolist() == p1.parents[0, :n].tolist()
+        assert prop.depth[b, :n].tolist() == p1.depth[0, :n].tolist()
+        assert prop.tokens[b, 0] == h[-1]
+    # keep_rows: row i takes what row rows[i] held; the rows that left give their output to the global trie
+    ctx = ctx_of(hists)
+    for h in ctx.history:
+        h.extend([250, 251])
+    batch.observe(ctx, Committed(num_accepted=torch.zeros(4), accepted=[0] * 4, emitted=[[250, 251]] * 4))
+    batch.keep_rows([3, 1])
+    assert [r.tokens for r in batch.rows] == [ctx.history[3], ctx.history[1]]
+    assert batch.global_trie.find([250, 251]) is not None
+    # begin_row: a new sequence in row 1 replaces that row's state only
+    ctx2 = ctx_of([ctx.history[3], [9, 9, 9]])
+    batch.begin_row(ctx2, 1)
+    assert batch.rows[1].tokens == [9, 9, 9] and batch.rows[0].tokens == ctx.history[3]
+
+
+@pytest.mark.parametrize("backend", ["native", "hf"])
+def test_greedy_outputs_equal_ar(backend):
+    """Several prompts through one drafter (so the global trie is in use too), default and eager settings."""
+    target = build_target(tiny_model(), None, "tiny", backend, max_len=256)
+    for cfg in (SuffixConfig(), SuffixConfig(min_score=0.0, prior=0.0, alpha=4.0, max_nodes=16)):
+        drafter = SuffixDrafter(cfg)
+        accepted = 0
+        for prompt in PROMPTS + PROMPTS:
+            ref = decode(target, AR(), prompt, max_new_tokens=40, k=4, temperature=0.0, seed=0, eos_ids=set())
+            out = decode(target, drafter, prompt, max_new_tokens=40, k=4, temperature=0.0, seed=0, eos_ids=set())
+            assert out.new_ids == ref.new_ids
+            assert 1 + sum(s["emitted"] for s in out.steps) == len(out.new_ids)
+            assert all(0 <= s["accepted"] <= s["depth"] <= s["drafted"] for s in out.steps)
+            accepted += sum(s["accepted"] for s in out.steps)
+        assert accepted > 40  # the second pass over the prompts copies the first answers
+
+
+def test_sampling_keeps_the_target_distribution():
+    """Temperature 0.8: the first three tokens over 800 seeds follow the target's joint distribution
+    (chi-square). One drafter decodes every seed, so its global trie holds the earlier samples and proposes
+    trees with siblings; drafts are both accepted and rejected."""
+    from scipy.stats import chisquare
+
+    V, T, n = 6, 0.8, 800
+    model = tiny_model(vocab=V, eos_token_id=None, bos_token_id=None, initializer_range=0.05)
+    target = build_target(model, None, "tiny", "native", max_len=64)
+    prompt = [1, 2, 3, 1, 2, 3, 1, 2]
+    with torch.no_grad():  # exact joint p(t1) p(t2 | t1) p(t3 | t1, t2) at temperature T
+        grid = torch.cartesian_prod(torch.arange(V), torch.arange(V))  # [V*V, 2]
+        ids = torch.cat([torch.tensor(prompt).expand(V * V, -1), grid], 1)
+        p = torch.softmax(model(ids).logits.double() / T, -1)  # [V*V, 10, V]
+        L = len(prompt)
+        joint = (p[:, L - 1].gather(1, grid[:, :1]) * p[:, L].gather(1, grid[:, 1:]))[:, :, None] * p[:, L + 1][:, None]
+    drafter = SuffixDrafter(SuffixConfig(min_score=0.0, prior=0.0, min_prob=0.0, alpha=4.0, max_nodes=6))
+    siblings = 0
+    original = drafter.propose
+
+    def propose(ctx):
+        nonlocal siblings
+        prop = original(ctx)
+        par = prop.parents[0, 1:int(prop.num_nodes[0])].tolist()
+        siblings += any(par.count(x) > 1 for x in set(par))
+        return prop
+
+    drafter.propose = propose
+    counts = torch.zeros(V ** 3)
+    accepted = drafted = 0
+    for seed in range(n):
+        out = decode(target, drafter, prompt, max_new_tokens=3, k=2, temperature=T, seed=seed, eos_ids=set())
+        t1, t2, t3 = out.new_ids[:3]
+        counts[(t1 * V + t2) * V + t3] += 1
+        accepted += sum(s["accepted"] for s in out.steps)
+        drafted += sum(s["drafted"] for s in out.steps)
+    assert siblings > n // 4  # multi-draft trees were verified
+    assert 0.1 * n < accepted < drafted  # drafts are both accepted and rejected
+    expected = joint.flatten().float() * n
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    assert chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue > 1e-3
+
+
+def test_corpus_file_fills_the_global_trie_and_bad_lines_are_refused(tmp_path):
+    from conftest import byte_tokenizer
+
+    from harness.drafters.suffix import read_corpus
+    from harness.errors import UserError
+
+    tok = byte_tokenizer()
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"text": "the quick brown fox"}\n"jumps over"\n')
+    corpus = read_corpus(str(path), tok)
+    assert corpus == [tok("the quick brown fox")["input_ids"], tok("jumps over")["input_ids"]]
+    d = SuffixDrafter(SuffixConfig(min_score=0.0, prior=0.0), corpus)
+    ctx = tok("a quick b")["input_ids"]
+    toks, _, _, source = d.tree_for(ctx)
+    assert source == "global" and toks[:3] == tok("row")["input_ids"]  # " b" -> "rown fox"
+    path.write_text('{"text": 3}\n')
+    with pytest.raises(UserError, match="corpus.jsonl:1"):
+        read_corpus(str(path), tok)
+    with pytest.raises(UserError, match="not found"):
+        read_corpus(str(tmp_path / "none.txt"), tok)
