@@ -9,16 +9,18 @@ draw is keyed by (seed, prompt, turn, drafter) and position, a prompt's output d
 it ran in, and the batch-1 tests check exactly that on a subset of the prompts (prompt for prompt equality,
 which is stronger than equal distributions and costs far less than a second chi-square at batch 1).
 
-Chi-square: cells are the 8^3 token triples; cells with fewer than 5 expected samples are pooled, in order of
+Chi-square: cells are the 16^3 token triples; cells with fewer than 5 expected samples are pooled, in order of
 probability, into bins of at least 5. Every test in this file uses alpha = 1e-4 / NUM_TESTS (Bonferroni).
 "Detects a shift of d" means: moving d of probability into or out of any one bin (the rest rescaled) gives
 the test power >= 0.5 at that alpha; each test computes d from its bins and N (`min_shift`) and asserts
 d <= 2 percentage points, so the stated power cannot silently erode.
 
-The tiny target: vocabulary 8, two layers, its final norm scaled (by c * T) so that at the run's temperature
-T each step spreads over all 8 tokens (largest probability about 0.2 to 0.3, smallest about 0.03), context
-dependent. Drafters with a q of their own come in two kinds: peaked (logits scaled up: q's top entry is
-1.0 in float32, the others ~0: a near-degenerate q) and flat (logits scaled down: q near uniform).
+The tiny target: vocabulary 16, two layers, its final norm scaled (by c * T) so that at the run's temperature
+T each step spreads over all 16 tokens (after the prompt: largest probability 0.14, smallest 0.025), context
+dependent; the largest cell of the three-token joint holds 0.5%. Drafters with a q of their own come in kinds: peaked (logits scaled up: q's top entry is 1.0 in
+float32, the others ~0: a near-degenerate q), flat (logits scaled down: q near uniform) and, for the draft
+model, medium (at T = 0.2 q's top entry is about 0.5, at T = 1 about 0.12: a q that a drafter reporting q
+at the wrong temperature gets badly wrong).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ PROMPT_B = [9, 12, 7, 9, 12, 7, 0, 9, 12]  # turn 2 of the two-turn test: same l
 K = 2
 BATCH = 512
 SPREAD = 0.15  # target logit scale at T = 1 (times T at temperature T): every token keeps mass
-PEAKED, FLAT = 40.0, 0.05  # draft logit scales
+PEAKED, MEDIUM, FLAT = 40.0, 0.1, 0.05  # draft logit scales
 TREE = TreeShape(depth=2, top_k=3, total_tokens=5)
 MAX_LEN = 32
 
@@ -58,7 +60,7 @@ CASES = [
     ("layerskip", None, 1.0, 2048),
     ("layerskip", None, 0.2, 2048),
     ("model", "peaked", 0.2, 2048),
-    ("model", "flat", 1.0, 2048),
+    ("model", "medium", 0.2, 2048),
     ("eagle-chain", "peaked", 0.2, 2048),
     ("eagle-chain", "flat", 1.0, 2048),
     ("eagle-tree", "peaked", 0.2, 2048),
@@ -67,13 +69,34 @@ CASES = [
     ("eagle3-tree", "flat", 0.2, 2048),
 ]
 TWO_TURN_SAMPLES = 2048
-NUM_TESTS = len(CASES) + 1  # the chi-square tests of this file (the two-turn test included)
+NUM_TESTS = len(CASES) + 1  # the chi-square tests of this file (the two-turn test included; batch 1 is exact)
 ALPHA = 1e-4 / NUM_TESTS
+
+
+# On main (35e0339) the tree verifier's rule for a peaked q is wrong: D = 1 - (q mass of the rejected
+# siblings) cancels to 0 when q's top entry is 1.0 in float32 (branch kern13 sums the undrawn q mass
+# directly). With kern13's kernels/reference.py both eagle-tree-peaked tests pass; on main they fail.
+TREE_RULE_BUG = {
+    "first_three": "tree verifier, peaked q (fixed on branch kern13): eagle-tree-peaked-T0.2, 2048 samples at "
+                   "batch 512: chi-square p = 7.5e-309",
+    "batch_one": "tree verifier, peaked q (fixed on branch kern13): eagle-tree-peaked-T0.2, prompt r4 gives "
+                 "[4, 6, 13] at batch 1 and [4, 8, 15] at batch 512",
+}
+
+
+def params(test: str):
+    """CASES as pytest params; the peaked tree case is a strict xfail until the kernel fix merges."""
+    out = []
+    for case in CASES:
+        marks = ([pytest.mark.xfail(strict=True, reason=TREE_RULE_BUG[test])]
+                 if case[:2] == ("eagle-tree", "peaked") else [])
+        out.append(pytest.param(case, id=case_id(case), marks=marks))
+    return out
 
 
 def case_id(case):
     name, head, t, _ = case
-    return f"{name}-{head or 'onehot'}-T{t}"
+    return f"{name}-{head or ('onehot' if name == 'ngram' else 'own')}-T{t}"
 
 
 # -- the target and its exact joint ---------------------------------------------------------------------------
@@ -151,7 +174,7 @@ def scaled_frozen(target, scale: float) -> Frozen:
 
 
 def make_drafter(name: str, head: str | None, target):
-    scale = {"peaked": PEAKED, "flat": FLAT, None: 1.0}[head]
+    scale = {"peaked": PEAKED, "medium": MEDIUM, "flat": FLAT, None: 1.0}[head]
     if name == "ngram":
         return NGram()
     if name == "layerskip":
@@ -174,16 +197,18 @@ def make_drafter(name: str, head: str | None, target):
     return EagleDrafter(hd, frozen, variant, tree, MAX_LEN, target.device)
 
 
-def decode_many(target, drafter, n: int, batch_size: int, temperature: float, turns=("",), max_new: int = 3,
-                encode=None, seed: int = 0, first: int = 0) -> dict[str, list[list[int]]]:
-    """prompt_id -> output ids per turn, for prompts r{first} .. r{first + n - 1} (same ids, own streams)."""
+def decode_many(target, drafter, n, batch_size: int, temperature: float, turns=("",), max_new: int = 3,
+                encode=None, seed: int = 0) -> dict[str, list[list[int]]]:
+    """prompt_id -> output ids per turn, for prompts r0 .. r{n-1} (n an int) or r{i} for i in n (a list):
+    the same ids, each prompt its own random streams."""
+    which = range(n) if isinstance(n, int) else n
     got = {}
     sched = Scheduler(target, drafter, name=drafter.name, batch_size=batch_size, max_new_tokens=max_new, k=K,
                       temperature=temperature, seed=seed, eos_ids=set(), catch=False,
                       encode=encode or (lambda _seq: list(PROMPT)),
                       on_finish=lambda p, fields, _steps: got.setdefault(p.prompt_id, fields["output_ids"]))
-    sched.run([Prompt(f"r{i}", "c", "s", tuple(turns)) for i in range(first, first + n)])
-    assert len(got) == n
+    sched.run([Prompt(f"r{i}", "c", "s", tuple(turns)) for i in which])
+    assert len(got) == len(which)
     return got
 
 
@@ -195,11 +220,11 @@ def batched_run(case) -> dict[str, list[list[int]]]:
 
 
 # -- the tests ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case", params("first_three"))
 def test_first_three_tokens_follow_the_target(case):
-    """Batch 512 (rows refilled as they finish), 1536 samples: the first three tokens' joint equals the target's
-    at T. Smallest detectable shift, one bin, power 0.5, alpha 1e-4/13: about 1.5 to 1.9 percentage points
-    depending on the configuration (computed and asserted <= 2 pp below)."""
+    """Batch 512 (rows refilled as they finish, then the batch shrinks), 2048 samples: the first three tokens'
+    joint equals the target's at T. Smallest detectable shift, one bin, power 0.5, alpha 1e-4/13: 1.71
+    percentage points (the target's p_T is the same at both temperatures; computed and asserted <= 2 pp)."""
     name, head, t, n = case
     _, model = target_at(t)
     out = batched_run(case)
@@ -210,19 +235,17 @@ def test_first_three_tokens_follow_the_target(case):
     assert pvalue > ALPHA, f"{case_id(case)}: chi-square p = {pvalue:.2e} (shift detectable {100 * shift:.2f} pp)"
 
 
-BATCH1_PROMPTS = 32
-
-
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case", params("batch_one"))
 def test_batch_one_equals_the_batched_run(case):
-    """Batch 1 (one row, the same scheduler and step): the first 32 prompts give, prompt for prompt, the
-    tokens they gave in the batch of 512, so the batch-1 loop draws from the distribution tested above.
+    """Batch 1 (one row, the same scheduler and step): the first 16 and the last 16 prompts (those decoded
+    while the batch of 512 refilled its rows, and while it shrank) give, prompt for prompt, the tokens they
+    gave in the batch of 512, so the batch-1 loop draws from the distribution tested above.
     A stream that depends on the row or the batch (e.g. a constant or batch-relative position, or keys
     shared across rows) breaks the equality at once."""
-    name, head, t, _ = case
+    name, head, t, n = case
     target, _ = target_at(t)
     batched = batched_run(case)
-    alone = decode_many(target, make_drafter(name, head, target), BATCH1_PROMPTS, 1, t)
+    alone = decode_many(target, make_drafter(name, head, target), list(range(16)) + list(range(n - 16, n)), 1, t)
     assert alone == {pid: batched[pid] for pid in alone}
 
 
@@ -237,8 +260,8 @@ def test_two_turns_follow_the_target():
     peaked q at T = 1, 2048 prompts at batch 512: the joint of the four tokens equals
     p(a1, a2 | PROMPT) * p(b1, b2 | PROMPT_B). Turn 2 does not read turn 1's answer (encode_two_turns), so
     the exact joint is a product; a turn that reuses the previous turn's uniforms correlates them.
-    Smallest detectable shift, one bin, power 0.5, alpha 1e-4/13: computed and asserted <= 2 pp (about
-    1.6 pp)."""
+    Smallest detectable shift, one bin, power 0.5, alpha 1e-4/13: 1.49 percentage points (computed and
+    asserted <= 2 pp)."""
     t, n = 1.0, TWO_TURN_SAMPLES
     target, model = target_at(t)
     out = decode_many(target, make_drafter("model", "peaked", target), n, BATCH, t, turns=("a", "b"), max_new=2,
