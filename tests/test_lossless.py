@@ -239,14 +239,18 @@ def test_first_three_tokens_follow_the_target(case):
 def test_batch_one_equals_the_batched_run(case):
     """Batch 1 (one row, the same scheduler and step): the first 16 and the last 16 prompts (those decoded
     while the batch of 512 refilled its rows, and while it shrank) give, prompt for prompt, the tokens they
-    gave in the batch of 512, so the batch-1 loop draws from the distribution tested above.
+    gave in the batch of 512, so the batch-1 loop draws from the distribution tested above; and so do
+    the same 32 prompts at batch 4 (rows refilled, then moved as the batch shrinks to 2 and 1).
     A stream that depends on the row or the batch (e.g. a constant or batch-relative position, or keys
     shared across rows) breaks the equality at once."""
     name, head, t, n = case
     target, _ = target_at(t)
     batched = batched_run(case)
-    alone = decode_many(target, make_drafter(name, head, target), list(range(16)) + list(range(n - 16, n)), 1, t)
+    ids = list(range(16)) + list(range(n - 16, n))
+    alone = decode_many(target, make_drafter(name, head, target), ids, 1, t)
     assert alone == {pid: batched[pid] for pid in alone}
+    four = decode_many(target, make_drafter(name, head, target), ids, 4, t)  # shrinks 4 -> 2 -> 1: rows move
+    assert four == alone
 
 
 def encode_two_turns(seq) -> list[int]:
