@@ -17,10 +17,16 @@ d <= 2 percentage points, so the stated power cannot silently erode.
 
 The tiny target: vocabulary 16, two layers, its final norm scaled (by c * T) so that at the run's temperature
 T each step spreads over all 16 tokens (after the prompt: largest probability 0.14, smallest 0.025), context
-dependent; the largest cell of the three-token joint holds 0.5%. Drafters with a q of their own come in kinds: peaked (logits scaled up: q's top entry is 1.0 in
-float32, the others ~0: a near-degenerate q), flat (logits scaled down: q near uniform) and, for the draft
-model, medium (at T = 0.2 q's top entry is about 0.5, at T = 1 about 0.12: a q that a drafter reporting q
-at the wrong temperature gets badly wrong).
+dependent; the largest cell of the three-token joint holds 0.5%. Drafters with a q of their own come in
+kinds: peaked (logits scaled up: q's top entry is 1.0 in float32, the others ~0: a near-degenerate q),
+flat (logits scaled down: q near uniform) and, for the draft model, medium (at T = 0.2 q's top entry is
+about 0.5, at T = 1 about 0.12: a q that a drafter reporting q at the wrong temperature gets badly wrong).
+
+Coverage (CASES): every drafter at both temperatures or both head kinds, not the full product: one
+chi-square costs 2048 admissions (about 10 s of CPU), and the file must stay within its CI budget.
+Rows that need a second step are where reused uniforms show; with max_new_tokens = 3 a drafter whose
+first draft is usually accepted (flat trees) seldom takes one, so a constant verify position in the
+tree path goes unseen here (the chain path's is caught).
 """
 
 from __future__ import annotations
