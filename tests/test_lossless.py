@@ -1,0 +1,287 @@
+"""Losslessness at temperature > 0 through the real decode loop (harness.engine.scheduler), not the kernels
+alone: the joint distribution of the first three emitted tokens equals the target's autoregressive joint,
+computed exactly from the tiny target (no sampling of `ar`), for every drafter.
+
+Samples: N independent prompts with the same ids and distinct prompt_ids (so distinct random streams), decoded
+with max_new_tokens = 3 at a large batch (rows joining and leaving: the batched path). Token 1 comes from the
+prefill, tokens 2 and 3 from speculative steps. Batch 1 runs the same code with one row; since every random
+draw is keyed by (seed, prompt, turn, drafter) and position, a prompt's output does not depend on the batch
+it ran in, and the batch-1 tests check exactly that on a subset of the prompts (prompt for prompt equality,
+which is stronger than equal distributions and costs far less than a second chi-square at batch 1).
+
+Chi-square: cells are the 16^3 token triples; cells with fewer than 5 expected samples are pooled, in order of
+probability, into bins of at least 5. Every test in this file uses alpha = 1e-4 / NUM_TESTS (Bonferroni).
+"Detects a shift of d" means: moving d of probability into or out of any one bin (the rest rescaled) gives
+the test power >= 0.5 at that alpha; each test computes d from its bins and N (`min_shift`) and asserts
+d <= 2 percentage points, so the stated power cannot silently erode.
+
+The tiny target: vocabulary 16, two layers, its final norm scaled (by c * T) so that at the run's temperature
+T each step spreads over all 16 tokens (after the prompt: largest probability 0.14, smallest 0.025), context
+dependent; the largest cell of the three-token joint holds 0.5%. Drafters with a q of their own come in
+kinds: peaked (logits scaled up: q's top entry is 1.0 in float32, the others ~0: a near-degenerate q),
+flat (logits scaled down: q near uniform) and, for the draft model, medium (at T = 0.2 q's top entry is
+about 0.5, at T = 1 about 0.12: a q that a drafter reporting q at the wrong temperature gets badly wrong).
+
+Coverage (CASES): every drafter at both temperatures or both head kinds, not the full product: one
+chi-square costs 2048 admissions (about 10 s of CPU), and the file must stay within its CI budget.
+Rows that need a second step are where reused uniforms show; with max_new_tokens = 3 a drafter whose
+first draft is usually accepted (a flat tree) seldom takes one, so the tree path also runs with a medium
+head (more rejections, more second steps), which is what sees a constant verify position there.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+from scipy.stats import chi2, chisquare, ncx2
+from scipy.optimize import brentq
+from test_eagle import random_head
+
+from harness.drafters.eagle import EagleDrafter, TreeShape
+from harness.drafters.heads import Frozen
+from harness.drafters.model import ARDraftModel, layerskip
+from harness.drafters.ngram import NGram
+from harness.engine.scheduler import Scheduler
+from harness.suites import Prompt
+from harness.targets import build_target
+
+V = 16
+PROMPT = [1, 2, 3, 1, 2, 3, 4, 1, 2]  # repetitive: ngram always finds a match to propose
+PROMPT_B = [9, 12, 7, 9, 12, 7, 0, 9, 12]  # turn 2 of the two-turn test: same length, other context
+K = 2
+BATCH = 512
+SPREAD = 0.15  # target logit scale at T = 1 (times T at temperature T): every token keeps mass
+PEAKED, MEDIUM, FLAT = 40.0, 0.1, 0.05  # draft logit scales
+EAGLE_MEDIUM = 4.0  # an eagle head's medium scale: q's top entry about 0.4 to 0.9 at T = 1
+TREE = TreeShape(depth=2, top_k=3, total_tokens=5)
+MAX_LEN = 32
+
+# (drafter, head, temperature, samples): the configurations with a chi-square test at batch BATCH
+CASES = [
+    ("ngram", None, 1.0, 2048),
+    ("ngram", None, 0.2, 2048),
+    ("layerskip", None, 1.0, 2048),
+    ("layerskip", None, 0.2, 2048),
+    ("model", "peaked", 0.2, 2048),
+    ("model", "medium", 0.2, 2048),
+    ("eagle-chain", "peaked", 0.2, 2048),
+    ("eagle-chain", "flat", 1.0, 2048),
+    ("eagle-tree", "peaked", 0.2, 2048),
+    ("eagle-tree", "flat", 1.0, 2048),
+    ("eagle-tree", "medium", 1.0, 2048),
+    ("eagle3-chain", "peaked", 1.0, 2048),
+    ("eagle3-tree", "flat", 0.2, 2048),
+]
+TWO_TURN_SAMPLES = 2048
+NUM_TESTS = len(CASES) + 1  # the chi-square tests of this file (the two-turn test included; batch 1 is exact)
+ALPHA = 1e-4 / NUM_TESTS
+
+
+# On main (35e0339) the tree verifier's rule for a peaked q is wrong: D = 1 - (q mass of the rejected
+# siblings) cancels to 0 when q's top entry is 1.0 in float32 (branch kern13 sums the undrawn q mass
+# directly). With kern13's kernels/reference.py both eagle-tree-peaked tests pass; on main they fail.
+TREE_RULE_BUG = {
+    "first_three": "tree verifier, peaked q (fixed on branch kern13): eagle-tree-peaked-T0.2, 2048 samples at "
+                   "batch 512: chi-square p = 7.5e-309",
+    "batch_one": "tree verifier, peaked q (fixed on branch kern13): eagle-tree-peaked-T0.2, prompt r4 gives "
+                 "[4, 6, 13] at batch 1 and [4, 8, 15] at batch 512",
+}
+
+
+def params(test: str):
+    """CASES as pytest params; the peaked tree case is a strict xfail until the kernel fix merges."""
+    out = []
+    for case in CASES:
+        marks = ([pytest.mark.xfail(strict=True, reason=TREE_RULE_BUG[test])]
+                 if case[:2] == ("eagle-tree", "peaked") else [])
+        out.append(pytest.param(case, id=case_id(case), marks=marks))
+    return out
+
+
+def case_id(case):
+    name, head, t, _ = case
+    return f"{name}-{head or ('onehot' if name == 'ngram' else 'own')}-T{t}"
+
+
+# -- the target and its exact joint ---------------------------------------------------------------------------
+@functools.cache
+def target_at(temperature: float):
+    """The tiny target for temperature T: logits scaled by SPREAD * T, so p_T = softmax(SPREAD * logits)."""
+    model = tiny_model(layers=2, vocab=V, eos_token_id=None, bos_token_id=None, tie_word_embeddings=False,
+                       initializer_range=0.5)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(SPREAD * temperature)
+    return build_target(model, None, "tiny", "native", max_len=MAX_LEN), model
+
+
+@torch.no_grad()
+def exact_joint(model, prompt: list[int], temperature: float, n: int = 3) -> torch.Tensor:
+    """The target's autoregressive joint of the first n tokens after prompt at temperature T: [V] * n, float64."""
+    joint = torch.ones(())
+    for i in range(n):
+        grid = torch.cartesian_prod(*[torch.arange(V)] * i).reshape(-1, i) if i else torch.zeros(1, 0, dtype=torch.long)
+        ids = torch.cat([torch.tensor(prompt).expand(grid.shape[0], -1), grid], 1)
+        p = torch.softmax(model(ids).logits[:, -1].double() / temperature, -1)  # [V^i, V]
+        joint = joint.reshape(-1, 1) * p
+    return joint.reshape([V] * n)
+
+
+# -- chi-square with pooled bins, and the shift it detects -----------------------------------------------------
+def make_bins(prob: torch.Tensor, n: int, min_expected: float = 5.0) -> list[list[int]]:
+    """Cells (flat indices) -> bins: a cell with >= min_expected expected samples is its own bin; the others
+    are pooled in order of decreasing probability into bins of >= min_expected (chosen before any data)."""
+    order = torch.argsort(prob, descending=True, stable=True).tolist()
+    bins, pool, mass = [], [], 0.0
+    for c in order:
+        if prob[c] * n >= min_expected:
+            bins.append([c])
+            continue
+        pool.append(c)
+        mass += float(prob[c])
+        if mass * n >= min_expected:
+            bins.append(pool)
+            pool, mass = [], 0.0
+    if pool:
+        bins[-1] = bins[-1] + pool
+    return bins
+
+
+def min_shift(bin_probs: list[float], n: int, alpha: float = ALPHA, power: float = 0.5) -> float:
+    """The smallest d such that moving d of probability into or out of the largest bin (the others rescaled)
+    is detected with the given power: noncentrality n * d^2 / (p (1 - p))."""
+    df = len(bin_probs) - 1
+    crit = chi2.isf(alpha, df)
+    lam = brentq(lambda x: ncx2.sf(crit, df, x) - power, 1e-6, 1e5)
+    p = max(bin_probs)
+    return math.sqrt(lam * p * (1 - p) / n)
+
+
+def chi_square(samples: list[tuple[int, ...]], joint: torch.Tensor) -> tuple[float, float]:
+    """(p-value, smallest detectable shift) of the samples (token tuples) against the exact joint."""
+    n = len(samples)
+    prob = joint.flatten()
+    counts = torch.zeros_like(prob)
+    for s in samples:
+        counts[int(torch.tensor(s) @ (V ** torch.arange(len(s) - 1, -1, -1)))] += 1
+    bins = make_bins(prob, n)
+    obs = [float(counts[b].sum()) for b in bins]
+    exp = [float(prob[b].sum()) * n for b in bins]
+    scale = n / sum(exp)  # the joint sums to 1 up to float rounding
+    return chisquare(obs, [e * scale for e in exp]).pvalue, min_shift([e / n for e in exp], n)
+
+
+# -- drafters -------------------------------------------------------------------------------------------------
+def scaled_frozen(target, scale: float) -> Frozen:
+    """The target's frozen weights with the final norm scaled: the head's logits scale by `scale`."""
+    fz = Frozen.of(target)
+    return Frozen(embed=fz.embed, norm=fz.norm * scale, lm_head=fz.lm_head, eps=fz.eps)
+
+
+def make_drafter(name: str, head: str | None, target):
+    scale = {"peaked": PEAKED, "medium": EAGLE_MEDIUM if name.startswith("eagle") else MEDIUM, "flat": FLAT,
+             None: 1.0}[head]
+    if name == "ngram":
+        return NGram()
+    if name == "layerskip":
+        return layerskip(target, 1)
+    if name == "model":
+        draft = tiny_model(layers=1, vocab=V, eos_token_id=None, bos_token_id=None, tie_word_embeddings=False,
+                           seed=3, initializer_range=0.5)
+        with torch.no_grad():
+            draft.model.norm.weight.mul_(scale)
+        return ARDraftModel(build_target(draft, None, "draft", "native", max_len=MAX_LEN), "model")
+    variant, shape = name.split("-")
+    tree = TREE if shape == "tree" else None
+    if variant == "eagle3":  # its own (restricted) vocabulary and final norm: q is 0 outside it
+        hd, frozen = random_head(target, "eagle3", draft_vocab=V - 2, seed=5)
+        with torch.no_grad():
+            hd.norm.mul_(scale)
+    else:
+        hd, _ = random_head(target, "eagle", seed=4)
+        frozen = scaled_frozen(target, scale)
+    return EagleDrafter(hd, frozen, variant, tree, MAX_LEN, target.device)
+
+
+def decode_many(target, drafter, n, batch_size: int, temperature: float, turns=("",), max_new: int = 3,
+                encode=None, seed: int = 0) -> dict[str, list[list[int]]]:
+    """prompt_id -> output ids per turn, for prompts r0 .. r{n-1} (n an int) or r{i} for i in n (a list):
+    the same ids, each prompt its own random streams."""
+    which = range(n) if isinstance(n, int) else n
+    got = {}
+    sched = Scheduler(target, drafter, name=drafter.name, batch_size=batch_size, max_new_tokens=max_new, k=K,
+                      temperature=temperature, seed=seed, eos_ids=set(), catch=False,
+                      encode=encode or (lambda _seq: list(PROMPT)),
+                      on_finish=lambda p, fields, _steps: got.setdefault(p.prompt_id, fields["output_ids"]))
+    sched.run([Prompt(f"r{i}", "c", "s", tuple(turns)) for i in which])
+    assert len(got) == len(which)
+    return got
+
+
+@functools.cache
+def batched_run(case) -> dict[str, list[list[int]]]:
+    name, head, t, n = case
+    target, _ = target_at(t)
+    return decode_many(target, make_drafter(name, head, target), n, BATCH, t)
+
+
+# -- the tests ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", params("first_three"))
+def test_first_three_tokens_follow_the_target(case):
+    """Batch 512 (rows refilled as they finish, then the batch shrinks), 2048 samples: the first three tokens'
+    joint equals the target's at T. Smallest detectable shift, one bin, power 0.5, alpha 1e-4/14: 1.71
+    percentage points (the target's p_T is the same at both temperatures; computed and asserted <= 2 pp)."""
+    name, head, t, n = case
+    _, model = target_at(t)
+    out = batched_run(case)
+    samples = [tuple(o[0][:3]) for o in out.values()]
+    assert all(len(s) == 3 for s in samples)
+    pvalue, shift = chi_square(samples, exact_joint(model, PROMPT, t))
+    assert shift <= 0.02, f"the test detects only shifts of {100 * shift:.2f} pp: add samples"
+    assert pvalue > ALPHA, f"{case_id(case)}: chi-square p = {pvalue:.2e} (shift detectable {100 * shift:.2f} pp)"
+
+
+@pytest.mark.parametrize("case", params("batch_one"))
+def test_batch_one_equals_the_batched_run(case):
+    """Batch 1 (one row, the same scheduler and step): the first 16 and the last 16 prompts (those decoded
+    while the batch of 512 refilled its rows, and while it shrank) give, prompt for prompt, the tokens they
+    gave in the batch of 512, so the batch-1 loop draws from the distribution tested above; and so do
+    the same 32 prompts at batch 4 (rows refilled, then moved as the batch shrinks to 2 and 1).
+    A stream that depends on the row or the batch (e.g. a constant or batch-relative position, or keys
+    shared across rows) breaks the equality at once."""
+    name, head, t, n = case
+    target, _ = target_at(t)
+    batched = batched_run(case)
+    ids = list(range(16)) + list(range(n - 16, n))
+    alone = decode_many(target, make_drafter(name, head, target), ids, 1, t)
+    assert alone == {pid: batched[pid] for pid in alone}
+    four = decode_many(target, make_drafter(name, head, target), ids, 4, t)  # shrinks 4 -> 2 -> 1: rows move
+    assert four == alone
+
+
+def encode_two_turns(seq) -> list[int]:
+    """Turn 1 reads PROMPT, turn 2 PROMPT_B: the same length, so turn 2's positions are turn 1's and only
+    the turn in the row's keys tells their random streams apart."""
+    return list(PROMPT if len(seq.messages) == 1 else PROMPT_B)
+
+
+def test_two_turns_follow_the_target():
+    """Two turns of two tokens each (one prefill token and one step token per turn), model drafter with a
+    peaked q at T = 1, 2048 prompts at batch 512: the joint of the four tokens equals
+    p(a1, a2 | PROMPT) * p(b1, b2 | PROMPT_B). Turn 2 does not read turn 1's answer (encode_two_turns), so
+    the exact joint is a product; a turn that reuses the previous turn's uniforms correlates them.
+    Smallest detectable shift, one bin, power 0.5, alpha 1e-4/14: 1.49 percentage points (computed and
+    asserted <= 2 pp)."""
+    t, n = 1.0, TWO_TURN_SAMPLES
+    target, model = target_at(t)
+    out = decode_many(target, make_drafter("model", "peaked", target), n, BATCH, t, turns=("a", "b"), max_new=2,
+                      encode=encode_two_turns)
+    samples = [tuple(o[0] + o[1]) for o in out.values()]
+    assert all(len(s) == 4 for s in samples)
+    joint = exact_joint(model, PROMPT, t, 2)[:, :, None, None] * exact_joint(model, PROMPT_B, t, 2)[None, None]
+    pvalue, shift = chi_square(samples, joint)
+    assert shift <= 0.02, f"the test detects only shifts of {100 * shift:.2f} pp: add samples"
+    assert pvalue > ALPHA, f"two turns: chi-square p = {pvalue:.2e} (shift detectable {100 * shift:.2f} pp)"
