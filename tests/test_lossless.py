@@ -81,25 +81,10 @@ NUM_TESTS = len(CASES) + 1  # the chi-square tests of this file (the two-turn te
 ALPHA = 1e-4 / NUM_TESTS
 
 
-# On main (35e0339) the tree verifier's rule for a peaked q is wrong: D = 1 - (q mass of the rejected
-# siblings) cancels to 0 when q's top entry is 1.0 in float32 (branch kern13 sums the undrawn q mass
-# directly). With kern13's kernels/reference.py both eagle-tree-peaked tests pass; on main they fail.
-TREE_RULE_BUG = {
-    "first_three": "tree verifier, peaked q (fixed on branch kern13): eagle-tree-peaked-T0.2, 2048 samples at "
-                   "batch 512: chi-square p = 7.5e-309",
-    "batch_one": "tree verifier, peaked q (fixed on branch kern13): eagle-tree-peaked-T0.2, prompt r4 gives "
-                 "[4, 6, 13] at batch 1 and [4, 8, 15] at batch 512",
-}
-
-
 def params(test: str):
-    """CASES as pytest params; the peaked tree case is a strict xfail until the kernel fix merges."""
-    out = []
-    for case in CASES:
-        marks = ([pytest.mark.xfail(strict=True, reason=TREE_RULE_BUG[test])]
-                 if case[:2] == ("eagle-tree", "peaked") else [])
-        out.append(pytest.param(case, id=case_id(case), marks=marks))
-    return out
+    """CASES as pytest params (the peaked tree case once failed here: p = 7.5e-309 before the tree rule
+    summed the undrawn q mass directly)."""
+    return [pytest.param(case, id=case_id(case)) for case in CASES]
 
 
 def case_id(case):
