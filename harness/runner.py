@@ -126,7 +126,9 @@ def run_prompt(cfg: RunConfig, target, drafter, prompt: Prompt, eos: set[int], m
         _sync(target.device)
         t0 = time.perf_counter()
         if is_peer(drafter):
-            new_ids, turn_steps, meter_rows = drafter.generate(ids, max_new or cfg.max_new_tokens, cfg.temperature, eos), [], []
+            gen = drafter.generate(ids, max_new or cfg.max_new_tokens, cfg.temperature, eos)
+            # a peer returns the new ids, or (harness.drafters.vllm_peer) new_ids and step records
+            new_ids, turn_steps, meter_rows = getattr(gen, "new_ids", gen), list(getattr(gen, "steps", [])), []
         else:
             dec = decode(target, drafter, ids, max_new_tokens=max_new or cfg.max_new_tokens, k=cfg.k,
                          temperature=cfg.temperature, seed=cfg.seed, eos_ids=eos,
@@ -151,6 +153,8 @@ def run_prompt(cfg: RunConfig, target, drafter, prompt: Prompt, eos: set[int], m
                   steps=len(steps) if steps else None,
                   drafted=sum(s["drafted"] for s in steps) if steps else None,
                   accepted=sum(s["accepted"] for s in steps) if steps else None)
+    if hasattr(drafter, "take_fields"):  # vLLM peers: wall time measured in the worker, counters, forwards
+        fields.update(drafter.take_fields())
     return fields, steps
 
 
