@@ -18,7 +18,9 @@ steps.jsonl fields:
 prompts.jsonl fields:
   drafter, prompt_id, category, suite, rank, prompt_tokens, new_tokens, steps (target forwards),
   drafted, accepted, wall_s, turns (list of generated texts), output_ids (list of token-id lists, one per
-  turn), diverged (bool: output differs from ar's on this prompt; null for ar or when ar did not run)
+  turn), diverged (bool: output differs from ar's on this prompt; null for ar or when ar did not run);
+  vLLM peers add forwards (decode forwards), cut_tokens (accepted tokens dropped at the end of turns) and,
+  at batch 1, vllm_counters (vLLM's spec-decode counters over the prompt; harness.drafters.vllm_peer)
 """
 
 from __future__ import annotations

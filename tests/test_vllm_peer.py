@@ -36,6 +36,11 @@ def test_step_records_need_every_verify_step_matched():
         step_records([1, 1, 1], step_accepted=[3, 3], step_drafted=[5, 5])  # one-token forwards cannot accept 3
 
 
+def test_a_forward_of_several_tokens_needs_a_verify_step():
+    with pytest.raises(RuntimeError, match="without a verify step"):
+        step_records([1, 1, 3], step_accepted=[], step_drafted=[])
+
+
 def test_a_one_token_forward_with_drafts_left_to_place_is_a_verify_step():
     # the forwards left are exactly the verify steps left: each must be one even when it emitted one token
     steps = step_records([1, 2, 1], step_accepted=[1, 0], step_drafted=[5, 5])
