@@ -187,7 +187,9 @@ def run(cfg: RunConfig, out: Path | None = None, rank: int = 0, world: int = 1, 
     meter = _meter(cfg, target)
     make_run_dir(cfg, out)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
-    (out / "env.json").write_text(json.dumps(environment(cfg, target), indent=2))
+    env = environment(cfg, target)
+    env["peers"] = {n: d.environment() for n, d in drafters.items() if hasattr(d, "environment")}  # vLLM's venv
+    (out / "env.json").write_text(json.dumps(env, indent=2))
     done, ar_out = _finished(out)
     eos = eos_ids(target)
     todo = [(p, n) for p in prompts for n in names if (n, p.prompt_id) not in done]

@@ -108,13 +108,14 @@ def vllm_run(tmp_path_factory):
     summary = write_summary(out)
     prompts = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
-    return prompts, steps, summary
+    env = json.loads((out / "env.json").read_text())
+    return prompts, steps, summary, env
 
 
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_vllm_greedy_outputs_equal_ar(vllm_run):
-    prompts, _, _ = vllm_run
+    prompts, _, _, env = vllm_run
     ar = {p["prompt_id"]: p["output_ids"] for p in prompts if p["drafter"] == "ar"}
     assert len(ar) == 2
     for name in ("vllm", "vllm-ngram", "vllm-eagle3"):
@@ -124,12 +125,15 @@ def test_vllm_greedy_outputs_equal_ar(vllm_run):
             assert rec["output_ids"] == ar[pid], (name, pid)
             assert rec["diverged"] is False
             assert 0 < rec["new_tokens"] <= 16
+    assert set(env["peers"]) == {"vllm", "vllm-ngram", "vllm-eagle3"}
+    assert env["peers"]["vllm-ngram"]["speculative_config"]["method"] == "ngram"
+    assert env["peers"]["vllm"]["vllm"].startswith("0.")  # vLLM's venv's versions, beside ours
 
 
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_vllm_counters_equal_its_step_records_and_tau(vllm_run):
-    prompts, steps, summary = vllm_run
+    prompts, steps, summary, _ = vllm_run
     for rec in (p for p in prompts if p["drafter"].startswith("vllm")):
         mine = [s for s in steps if s["drafter"] == rec["drafter"] and s["prompt_id"] == rec["prompt_id"]]
         assert len(mine) == rec["forwards"] == rec["steps"]
@@ -154,7 +158,7 @@ def test_vllm_counters_equal_its_step_records_and_tau(vllm_run):
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_vllm_eagle3_head_loads_and_drafts(vllm_run):
-    prompts, _, summary = vllm_run
+    prompts, _, summary, _ = vllm_run
     recs = [p for p in prompts if p["drafter"] == "vllm-eagle3"]
     assert sum(p["vllm_counters"]["num_draft_tokens"] for p in recs) >= K  # it drafted with the head
     plain = [p for p in prompts if p["drafter"] == "vllm"]

@@ -220,9 +220,13 @@ class VLLMPeer:
                      max_num_seqs=max_num_seqs, compile=compile)
         self.worker = WorkerProcess(start)
         weakref.finalize(self, self.worker.close)
-        self.vllm_version = self.worker.info.get("vllm")
-        self.start_s = self.worker.info.get("start_s")
+        self.speculative = speculative
         self._fields: dict = {}
+
+    def environment(self) -> dict:
+        """For env.json: the vLLM venv's versions, the engine's start time and the speculative config."""
+        info = {k: v for k, v in self.worker.info.items() if k != "ok"}
+        return dict(info, venv=str(vllm_python().parent.parent), speculative_config=self.speculative)
 
     def generate_many(self, requests: list[dict]) -> dict:
         """One batch in one generate call; requests as in the worker's protocol."""

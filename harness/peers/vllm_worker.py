@@ -8,7 +8,7 @@ stdout it was started with; everything vLLM itself prints goes to stderr.
   {"op": "start", "model": DIR, "speculative": {...} | null, "dtype": "float32", "max_model_len": 2048,
    "seed": 0, "tensor_parallel_size": 1, "device": "cpu" | "cuda", "threads": 2, "max_num_seqs": 1,
    "compile": true (false: eager, no torch.compile)}
-      -> {"ok": true, "vllm": VERSION, "start_s": seconds}
+      -> {"ok": true, "vllm", "torch", "transformers", "python": versions, "start_s": seconds}
   {"op": "generate", "requests": [{"prompt_ids": [...], "max_tokens": N, "temperature": T,
    "stop_ids": [...], "seed": S}, ...]}
       -> {"ok": true, "wall_s": seconds for the whole batch, "counters": {...}, "results": [per request:
@@ -78,7 +78,11 @@ class Worker:
         if not msg.get("compile", True):  # eager: no torch.compile at start (quick starts for tests)
             kw["compilation_config"] = {"mode": 0}
         self.llm = LLM(**kw)
-        return {"ok": True, "vllm": vllm.__version__, "start_s": time.perf_counter() - t0}
+        import torch
+        import transformers
+        return {"ok": True, "vllm": vllm.__version__, "torch": torch.__version__,
+                "transformers": transformers.__version__, "python": sys.version.split()[0],
+                "start_s": time.perf_counter() - t0}
 
     def counters(self) -> dict:
         from vllm.v1.metrics.reader import Counter, Vector
