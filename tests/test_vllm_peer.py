@@ -165,3 +165,32 @@ def test_vllm_eagle3_head_loads_and_drafts(vllm_run):
     assert all(p["vllm_counters"]["num_drafts"] == 0 for p in plain)
     row = summary[(summary["drafter"] == "vllm-eagle3") & (summary["category"] == "all")].iloc[0]
     assert row["acc_uncond_1"] == row["acc_uncond_1"]  # acceptance by position is defined (not NaN)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_batch_hands_vllm_the_batch(tmp_path):
+    """--batch-size 2: vLLM decodes both prompts together; records as at batch 1, and batch_runs.jsonl
+    holds the run's throughput and counters, which equal the sum of the step records."""
+    from harness.config import RunConfig
+    from harness.reports.summary import write_summary
+    from harness.runner import run
+
+    cfg = RunConfig(drafters=("ar", "vllm-ngram"), suite="mini", limit=2, max_new_tokens=16, k=K, out=str(tmp_path),
+                    run_id="b", meter=False, warmup=0, batch_size=2, extra={"vllm_eager": True})
+    out = run(cfg)
+    summary = write_summary(out)
+    prompts = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    runs = [json.loads(line) for line in (out / "batch_runs.jsonl").read_text().splitlines()]
+    ar = {p["prompt_id"]: p["output_ids"] for p in prompts if p["drafter"] == "ar"}
+    mine = [p for p in prompts if p["drafter"] == "vllm-ngram"]
+    assert len(mine) == 2 and all(p["batch_size"] == 2 for p in mine)
+    assert all(p["output_ids"] == ar[p["prompt_id"]] and p["diverged"] is False for p in mine)
+    run_rec = next(r for r in runs if r["drafter"] == "vllm-ngram")
+    assert run_rec["batch_size"] == 2 and run_rec["new_tokens"] == sum(p["new_tokens"] for p in mine)
+    derived = counters_from_steps([s for s in steps if s["drafter"] == "vllm-ngram"], K)
+    for key in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
+        assert run_rec["vllm_counters"][key] == derived[key]
+    row = summary[(summary["drafter"] == "vllm-ngram") & (summary["category"] == "all")].iloc[0]
+    assert row["batch_size"] == 2 and row["prompts"] == 2
