@@ -86,6 +86,13 @@ def test_cli_without_the_vllm_venv_is_one_line(tmp_path):
     assert len(res.stderr.strip().splitlines()) == 1
 
 
+def test_bad_tensor_parallel_size_is_one_line():
+    res = subprocess.run([sys.executable, "-m", "harness", "run", "--drafters", "ar,vllm",
+                          "--vllm-tensor-parallel-size", "0"], capture_output=True, text=True, cwd="/tmp")
+    assert res.returncode == 2 and "--vllm-tensor-parallel-size must be >= 1" in res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
 # ----------------------------------------------------------------------------- vLLM itself
 
 @pytest.fixture(scope="module")
