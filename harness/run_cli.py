@@ -54,6 +54,10 @@ def register(sub) -> None:
     p.add_argument("--depth", type=int, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--total-tokens", type=int, default=None)
+    p.add_argument("--vllm-head", default=None,
+                   help="vllm-eagle3: a head folder in vLLM's EAGLE-3 layout (default: the shipped one)")
+    p.add_argument("--vllm-tensor-parallel-size", type=int, default=None,
+                   help="vLLM peers on GPUs: tensor_parallel_size N (default 1)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     add_fast_flags(p)
@@ -88,6 +92,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         values.setdefault("extra", {})["calibration"] = args.calibration
     if args.prompts:
         values["suite"] = args.prompts
+    if args.vllm_head:
+        values.setdefault("extra", {})["vllm_head"] = args.vllm_head
+    if args.vllm_tensor_parallel_size is not None:
+        if args.vllm_tensor_parallel_size < 1:
+            raise UserError(f"--vllm-tensor-parallel-size must be >= 1, got {args.vllm_tensor_parallel_size}")
+        values.setdefault("extra", {})["vllm_tensor_parallel_size"] = args.vllm_tensor_parallel_size
     if args.meter is not None:
         values["meter"] = args.meter == "on"
     values.update(fast_fields(args.fast))

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from harness.config import RunConfig
-from harness.drafters import build_drafter, is_peer, validate_drafters
+from harness.drafters import build_drafter, is_peer, is_vllm, validate_drafters
 from harness.engine.divergence import divergences
 from harness.engine.fast import enable_fast, enable_fast_drafter, precapture, resolve_fast
 from harness.engine.scheduler import Scheduler
@@ -108,9 +108,9 @@ def run_prompt(cfg: RunConfig, target, drafter, prompt: Prompt, eos: set[int], m
 
 def _run_peer(cfg, target, drafter, prompt: Prompt, eos: set[int], max_new: int):
     """A transformers peer: its own generate, timed around the call only."""
-    messages, turns, outputs = [], [], []
+    messages, turns, outputs, steps = [], [], [], []
     wall, prompt_tokens = 0.0, 0
-    for text in prompt.turns:
+    for turn, text in enumerate(prompt.turns):
         messages.append({"role": "user", "content": text})
         ids = prompt_ids(target.tokenizer, messages)
         if len(ids) + max_new + cfg.k + 2 > target.max_len:
@@ -118,16 +118,24 @@ def _run_peer(cfg, target, drafter, prompt: Prompt, eos: set[int], max_new: int)
         prompt_tokens += len(ids)
         _sync(target.device)
         t0 = time.perf_counter()
-        new_ids = drafter.generate(ids, max_new, cfg.temperature, eos)
+        gen = drafter.generate(ids, max_new, cfg.temperature, eos)
         _sync(target.device)
         wall += time.perf_counter() - t0
+        # a peer returns the new ids, or (harness.drafters.vllm_peer) new_ids and step records
+        new_ids = getattr(gen, "new_ids", gen)
+        for i, rec in enumerate(getattr(gen, "steps", [])):
+            steps.append({**rec, "turn": turn, "step": i})
         answer = target.tokenizer.decode(new_ids, skip_special_tokens=True)
         messages.append({"role": "assistant", "content": answer})
         turns.append(answer)
         outputs.append(new_ids)
     fields = dict(prompt_tokens=prompt_tokens, new_tokens=sum(len(o) for o in outputs), wall_s=wall, turns=turns,
-                  output_ids=outputs, steps=None, drafted=None, accepted=None)
-    return fields, []
+                  output_ids=outputs, steps=len(steps) if steps else None,
+                  drafted=sum(s["drafted"] for s in steps) if steps else None,
+                  accepted=sum(s["accepted"] for s in steps) if steps else None)
+    if hasattr(drafter, "take_fields"):  # vLLM peers: wall time measured in the worker, counters, forwards
+        fields.update(drafter.take_fields())
+    return fields, steps
 
 
 def _sync(device):
@@ -199,18 +207,27 @@ def run(cfg: RunConfig, out: Path | None = None, rank: int = 0, world: int = 1, 
     B = cfg.batch_size
     if B > 1:
         for name, drafter in drafters.items():
-            if is_peer(drafter):
+            if is_peer(drafter) and not is_vllm(name):
                 raise UserError(f"{name} (a peer) decodes one sequence at a time: drop it or use --batch-size 1")
     meter = _meter(cfg, target)
     make_run_dir(cfg, out)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
-    (out / "env.json").write_text(json.dumps(environment(cfg, target), indent=2))
+    env = environment(cfg, target)
+    env["peers"] = {n: d.environment() for n, d in drafters.items() if hasattr(d, "environment")}  # vLLM's venv
+    (out / "env.json").write_text(json.dumps(env, indent=2))
     done, ar_out = _finished(out)
     eos = eos_ids(target)
     rec = Records(out, ar_out, rank, after_prompt)
     try:
         if B > 1 or cfg.extra.get("k_auto") or cfg.extra.get("calibration"):
+            # vLLM peers get the batch themselves (harness.drafters.vllm_batch), after our drafters
+            vllm = {n: drafters.pop(n) for n in list(drafters) if is_vllm(n)} if B > 1 else {}
             _run_batched(cfg, target, drafters, prompts, done, eos, rec, meter)
+            if vllm:
+                from harness.drafters.vllm_batch import run_vllm_batched
+                rec.close()
+                run_vllm_batched(cfg, target, vllm, prompts, done, rec.ar_out, eos, out, rank=rank)
+                rec = Records(out, rec.ar_out, rank, after_prompt)
         else:
             _run_interleaved(cfg, target, drafters, prompts, done, eos, rec, meter, rank, world)
     finally:

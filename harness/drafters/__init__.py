@@ -1,10 +1,12 @@
 """Drafters, one protocol (base.py). Names used on the command line:
 
-ar, ngram, suffix, layerskip, selfspec, model, eagle, eagle3, and the peers hf-generate, hf-prompt-lookup."""
+ar, ngram, suffix, layerskip, selfspec, model, eagle, eagle3, and the peers hf-generate, hf-prompt-lookup, and
+vllm, vllm-ngram, vllm-draft, vllm-eagle3 (vLLM in its own venv: harness.drafters.vllm_peer)."""
 
 from __future__ import annotations
 
 from harness.drafters.base import Committed, DraftContext, Drafter
+from harness.drafters.vllm_peer import VLLM_DRAFTERS, is_vllm
 from harness.errors import UserError
 
 DRAFTERS = {
@@ -18,6 +20,7 @@ DRAFTERS = {
     "eagle3": "EAGLE-3 head on fused low/middle/high hidden states (--head)",
     "hf-generate": "peer: transformers' own generate",
     "hf-prompt-lookup": "peer: transformers' generate with prompt_lookup_num_tokens = K",
+    **VLLM_DRAFTERS,
 }
 
 
@@ -27,6 +30,9 @@ def validate_drafters(names) -> None:
     for name in names:
         if name not in DRAFTERS:
             raise UserError(f"unknown drafter '{name}': choose from {', '.join(DRAFTERS)}")
+    if any(is_vllm(n) for n in names):
+        from harness.drafters.vllm_peer import vllm_python
+        vllm_python()  # before any model loads: a missing vLLM venv is a one-line error
 
 
 def is_peer(drafter) -> bool:
@@ -64,9 +70,12 @@ def build_drafter(name: str, target, cfg):
     if name in ("eagle", "eagle3"):
         from harness.drafters.eagle import build_eagle
         return build_eagle(name, target, cfg)
+    if is_vllm(name):
+        from harness.drafters.vllm_peer import build_vllm_peer
+        return build_vllm_peer(name, target, cfg)
     if name == "hf-generate":
         return HFGenerate(target, name)
     return HFGenerate(target, name, prompt_lookup=cfg.k)
 
 
-__all__ = ["DRAFTERS", "Committed", "DraftContext", "Drafter", "build_drafter", "is_peer", "validate_drafters"]
+__all__ = ["DRAFTERS", "Committed", "DraftContext", "Drafter", "build_drafter", "is_peer", "is_vllm", "validate_drafters"]

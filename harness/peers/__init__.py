@@ -1,0 +1,1 @@
+"""Scripts that run in other interpreters (vLLM's venv); nothing here is imported by harness."""
