@@ -14,7 +14,7 @@ from harness.errors import UserError
 COMMANDS = (
     "harness.run_cli",
     "harness.reports.summary", "harness.reports.report", "harness.reports.specbench", "harness.calibrate", "harness.profile",
-    "harness.training.train_head", "harness.meter.ngram_base", "harness.meter.surplus", "harness.meter.probe",
+    "harness.training.train_head", "harness.drafters.interop", "harness.meter.ngram_base", "harness.meter.surplus", "harness.meter.probe",
 )
 
 
