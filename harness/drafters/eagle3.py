@@ -156,13 +156,13 @@ class Eagle3Head(nn.Module):
         return full.index_copy(-1, self.target_ids(), logits)
 
 
-def init_eagle3(cfg, frozen, seed: int, token_counts: torch.Tensor | None = None) -> Eagle3Head:
+def init_eagle3(cfg, frozen, seed: int, token_counts: torch.Tensor | None = None, cls=None) -> Eagle3Head:
     """A fresh EAGLE-3 head. The draft vocabulary is the N most frequent target tokens of token_counts [V]
     (the first N ids without counts); lm_head starts from the target's LM-head rows of those tokens, norm
     from the target's final norm."""
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    head = Eagle3Head(cfg)
+    head = (cls or Eagle3Head)(cfg)
     for mod in head.modules():
         if isinstance(mod, nn.Linear):
             nn.init.normal_(mod.weight, std=0.02)

@@ -34,7 +34,7 @@ from torch import nn
 from harness.errors import UserError
 from harness.targets.native import SUPPORTED_MODEL_TYPES, LlamaSpec, apply_rope, rms_norm, rope_inv_freq
 
-VARIANTS = ("eagle", "eagle3")
+VARIANTS = ("eagle", "eagle3", "block")  # block: harness.drafters.block (eagle3 layout + a mask embedding)
 FORMAT_VERSION = 2  # 2: eagle3 heads in the EAGLE-3 / vLLM layout (format-1 eagle3 heads are refused)
 HEADS_DIR = Path(__file__).resolve().parent.parent / "heads"  # heads shipped with the package: <target>-<variant>/
 
@@ -105,7 +105,7 @@ def config_for_target(target, variant: str, draft_vocab: int = 0) -> HeadConfig:
                       rope_theta=spec.rope_theta, rope_scaling=spec.rope_scaling,
                       attention_bias=spec.attention_bias, layers=default_layers(variant, spec.num_layers),
                       fingerprint=embedding_fingerprint(model.get_input_embeddings().weight),
-                      draft_vocab=draft_vocab if variant == "eagle3" else 0,
+                      draft_vocab=draft_vocab if variant != "eagle" else 0,
                       max_positions=int(getattr(model.config, "max_position_embeddings", 8192) or 8192))
 
 
@@ -213,6 +213,9 @@ def init_head(cfg: HeadConfig, frozen: Frozen, seed: int, token_counts: torch.Te
     if cfg.variant == "eagle3":
         from harness.drafters.eagle3 import init_eagle3
         return init_eagle3(cfg, frozen, seed, token_counts)
+    if cfg.variant == "block":
+        from harness.drafters.block import init_block
+        return init_block(cfg, frozen, seed, token_counts)
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     head = EagleHead(cfg)
@@ -230,6 +233,9 @@ def new_head(cfg: HeadConfig) -> nn.Module:
     if cfg.variant == "eagle3":
         from harness.drafters.eagle3 import Eagle3Head
         return Eagle3Head(cfg)
+    if cfg.variant == "block":
+        from harness.drafters.block import BlockHead
+        return BlockHead(cfg)
     return EagleHead(cfg)
 
 

@@ -53,7 +53,8 @@ def register(sub) -> None:
     p = sub.add_parser("train-head", help="train an EAGLE head by self-distillation",
                        description="Train an EAGLE head on the target's own answers to an offline prompt corpus.")
     p.add_argument("--target", default="smollm2-135m", help="preset, model folder or .gguf (default smollm2-135m)")
-    p.add_argument("--variant", choices=("eagle", "eagle3"), default="eagle")
+    p.add_argument("--variant", choices=("eagle", "eagle3", "block"), default="eagle",
+                   help="eagle (EAGLE-1/2), eagle3 (EAGLE-3), block (K drafts per head forward)")
     p.add_argument("--out", required=True, help="head folder to write")
     p.add_argument("--prompts", type=int, default=320, help="corpus prompts (every 20th is held out)")
     p.add_argument("--max-new-tokens", type=int, default=80, help="length of the target's answers")
@@ -120,8 +121,8 @@ def validate(args) -> None:
         raise UserError("--prompts must be >= 2 (one is held out)")
     if args.lr <= 0 or args.cls_weight < 0:
         raise UserError("--lr must be > 0 and --cls-weight >= 0")
-    if args.draft_vocab and args.variant != "eagle3":
-        raise UserError("--draft-vocab applies to --variant eagle3 only")
+    if args.draft_vocab and args.variant == "eagle":
+        raise UserError("--draft-vocab applies to --variant eagle3 and block only")
     if args.tokens < 0 or args.self_tokens < 0 or (args.data == "sharegpt" and not args.tokens + args.self_tokens):
         raise UserError("--tokens and --self-tokens must be >= 0, and not both 0 with --data sharegpt")
     if args.max_len < 64:
@@ -237,7 +238,7 @@ class Unrolled(nn.Module):
         self.register_buffer("norm", frozen.norm.detach().float().clone(), persistent=False)
         self.register_buffer("lm_head", frozen.lm_head.detach().float().clone(), persistent=False)
         t2d = torch.full((head.cfg.vocab_size,), -1, dtype=torch.long)
-        if head.cfg.variant == "eagle3":
+        if head.cfg.variant != "eagle":
             t2d[head.target_ids()] = torch.arange(len(head.target_ids()))
         if loss_vocab is not None:
             t2d[loss_vocab] = torch.arange(len(loss_vocab))
@@ -267,7 +268,10 @@ class Unrolled(nn.Module):
         parts = dict(feat=0.0, ce=0.0)
         correct, valid_all, outputs = [], [], []
         for s in range(S):
-            x = head.inputs(F.embedding(ids[:, s + 1:s + 1 + T], self.embed), f_in)
+            if head.cfg.variant == "block" and s > 0:  # a query row: [mask embedding ; step-0 output]
+                x = head.inputs(head.mask_embed.expand(B, T, -1), outputs[0])
+            else:
+                x = head.inputs(F.embedding(ids[:, s + 1:s + 1 + T], self.embed), f_in)
             cos, sin = head.rope((t + s)[None].expand(B, T), x.dtype)
             q, k, v = head.layer.qkv(x, cos, sin)
             keys.append(k)
@@ -286,12 +290,12 @@ class Unrolled(nn.Module):
                 logits = head.logits(rows, frozen)
             logp = torch.log_softmax(logits.float(), -1)  # [M, V or N or the loss vocabulary]
             pi, pv = p_ids[b_i, t_i + s + 1], p_vals[b_i, t_i + s + 1]  # [M, K]
-            if head.cfg.variant == "eagle3" or sub:
+            if head.cfg.variant != "eagle" or sub:
                 pi = self.t2d[pi]
                 pv = torch.where(pi >= 0, pv.float(), 0.0)
-            if head.cfg.variant == "eagle3":  # EAGLE-3: p restricted to the draft vocabulary, renormalised
+            if head.cfg.variant != "eagle":  # EAGLE-3: p restricted to the draft vocabulary, renormalised
                 pv = pv / pv.sum(-1, keepdim=True).clamp(min=1e-6)
-            keep = pi[:, 0] >= 0 if head.cfg.variant == "eagle3" else torch.ones_like(pi[:, 0], dtype=torch.bool)
+            keep = pi[:, 0] >= 0 if head.cfg.variant != "eagle" else torch.ones_like(pi[:, 0], dtype=torch.bool)
             # eagle3 (EAGLE-3's position mask): rows whose target token lies outside the draft vocabulary are left out
             ce = (-(pv * logp.gather(1, pi.clamp(min=0))).sum(-1)[keep].sum() / keep.sum().clamp(min=1)
                   if len(rows) else loss)
@@ -305,7 +309,7 @@ class Unrolled(nn.Module):
             draft = logp.argmax(-1)
             if sub:
                 draft = self.loss_vocab[draft]
-            elif head.cfg.variant == "eagle3":
+            elif head.cfg.variant != "eagle":
                 draft = head.target_ids()[draft]
             hit = torch.zeros(B, T, dtype=torch.bool, device=dev)
             hit[b_i, t_i] = draft == p_ids[b_i, t_i + s + 1, 0]
@@ -380,14 +384,14 @@ def train_head(args: argparse.Namespace) -> Path:
 
     frozen = Frozen.of(target)
     counts = None
-    if args.variant == "eagle3":
+    if args.variant != "eagle":
         answer_ids = torch.cat([torch.as_tensor(s["ids"])[_answer_mask(s)] for s in train])
         counts = torch.bincount(answer_ids, minlength=cfg.vocab_size)
     head = init_head(cfg, frozen, args.seed, counts)
     if counts is not None:
         info["draft_vocab_coverage"] = round(float(counts[head.target_ids()].sum() / counts.sum()), 4)
     del target
-    loss_vocab = None if args.variant == "eagle3" else torch.cat(
+    loss_vocab = None if args.variant != "eagle" else torch.cat(
         [torch.cat([s["p_ids"][:, :LOSS_VOCAB_TOPK].flatten(), torch.as_tensor(s["ids"])]) for s in train]).unique()
     model = Unrolled(head, frozen, args.unroll, args.cls_weight, loss_vocab)
     gen = torch.Generator().manual_seed(args.seed)
