@@ -210,3 +210,41 @@ def test_eagle3_equals_ar_with_a_reduced_vocabulary():
 
     run(target, Spy(head, frozen, "eagle3", TREE, 256, target.device))
     assert prop_tokens and set(prop_tokens) <= allowed
+
+
+def test_one_row_computes_eagle3_from_the_exported_tensors(tmp_path):
+    """The head's computation, written from the exported names alone: q/k/v read
+    [input_layernorm(embed) ; hidden_norm(g)], the residual is g = fc(aux), then post-attention norm + MLP,
+    logits = lm_head(norm(out)) placed at target id = draft id + d2t."""
+    target = tiny_target()
+    head, frozen = random_head(target, "eagle3", draft_vocab=50, scale=3.0)
+    with torch.no_grad():
+        for name in ("input_layernorm", "hidden_norm", "post_attention_layernorm"):
+            getattr(head.midlayer, name).weight.uniform_(0.5, 1.5)
+        head.norm.weight.uniform_(0.5, 1.5)
+    save_head(head, tmp_path / "h", dtype=torch.float32)
+    export_head(tmp_path / "h", tmp_path / "x", dtype=torch.float32)
+    t = load_file(str(tmp_path / "x" / "model.safetensors"))
+    eps = json.loads((tmp_path / "x" / "config.json").read_text())["rms_norm_eps"]
+    gen = torch.Generator().manual_seed(0)
+    aux = {layer: torch.randn(1, 1, H, generator=gen) * 5 for layer in head.cfg.layers}
+    e = torch.randn(1, 1, H, generator=gen)
+    g = head.features(aux)
+    x = head.inputs(e, g)
+    cos, sin = head.rope(torch.zeros(1, 1, dtype=torch.long), x.dtype)
+    q, k, v = head.layer.qkv(x, cos, sin)
+    out = head.layer.finish(x, head.layer.attend(q, k, v, None))
+    logits = head.to_target_vocab(head.logits(out))
+    m = "midlayer."
+    g_ref = torch.cat([aux[layer] for layer in head.cfg.layers], -1) @ t["fc.weight"].T
+    hcat = torch.cat([rms_norm(e, t[m + "input_layernorm.weight"], eps), rms_norm(g_ref, t[m + "hidden_norm.weight"], eps)], -1)
+    v_ref = (hcat @ t[m + "self_attn.v_proj.weight"].T).view(1, 1, HKV, D)
+    att = v_ref.repeat_interleave(HQ // HKV, dim=2).reshape(1, 1, HQ * D)
+    r = g_ref + att @ t[m + "self_attn.o_proj.weight"].T
+    n = rms_norm(r, t[m + "post_attention_layernorm.weight"], eps)
+    o_ref = r + (F.silu(n @ t[m + "mlp.gate_proj.weight"].T) * (n @ t[m + "mlp.up_proj.weight"].T)) @ t[m + "mlp.down_proj.weight"].T
+    torch.testing.assert_close(out, o_ref, atol=1e-4, rtol=1e-4)
+    draft = rms_norm(o_ref, t["norm.weight"], eps) @ t["lm_head.weight"].T  # [1, 1, N]
+    ids = torch.arange(50) + t["d2t"]
+    torch.testing.assert_close(logits[..., ids], draft, atol=1e-4, rtol=1e-4)
+    assert torch.isinf(logits[..., ~t["t2d"]]).all()
