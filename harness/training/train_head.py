@@ -331,7 +331,7 @@ def heldout_accuracy(model: Unrolled, data: list[dict], batch: int = 4) -> dict:
     for i in range(0, len(data), batch):
         b = {k: v.to(dev) for k, v in collate(data[i:i + batch], EVAL_DEPTH).items()}
         _, st = model(**b, steps=EVAL_DEPTH)
-        origins = st["valid"][-1]  # every depth in range
+        origins = st["valid"].all(0)  # every depth scores an answer token in range
         run = st["correct"].cumprod(0).bool() & origins[None]  # [S, B, T]
         hits += run.flatten(1).sum(1).float().cpu()
         total += int(origins.sum())
