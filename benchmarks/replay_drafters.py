@@ -26,7 +26,7 @@ from harness.drafters.base import DraftContext
 from harness.drafters.ngram import lookup
 from harness.drafters.suffix import SuffixDrafter
 from harness.records import read_jsonl
-from harness.runner import prompt_ids
+from harness.targets.chat import prompt_ids
 from harness.suites import load_suite
 from harness.targets import load_target
 

