@@ -39,6 +39,8 @@ vllm-venv: $(VLLM_STAMP)
 
 bench: $(STAMP) $(if $(findstring vllm,$(BENCH_FLAGS)),$(VLLM_STAMP))
 	$(PY) -m harness run --preset bench-cpu --run-id $(RUN_ID) --overwrite $(BENCH_FLAGS)
+	$(PY) -m harness report results/$(RUN_ID)
+	$(PY) -m harness surplus results/$(RUN_ID)
 
 $(TF_OLDEST_DIR)/.installed: pyproject.toml | $(STAMP)
 	rm -rf $(TF_OLDEST_DIR)

@@ -52,7 +52,7 @@ class RunConfig:
 PRESETS: dict[str, dict] = {
     # `make bench` on 2 CPU cores: every drafter on SmolLM2, two mini prompts per category
     "bench-cpu": dict(suite="mini", per_category=2, max_new_tokens=64,
-                      drafters=("ar", "ngram", "layerskip", "eagle", "eagle3", "hf-generate", "hf-prompt-lookup")),
+                      drafters=("ar", "ngram", "suffix", "layerskip", "eagle", "eagle3", "hf-generate", "hf-prompt-lookup")),
     # EAGLE heads on MT-bench (two turns) on a CPU: the shipped eagle3 head against ar and eagle
     "mtbench-cpu": dict(suite="mt-bench", per_category=2, max_new_tokens=128, drafters=("ar", "eagle", "eagle3")),
     # the GPU comparison of the core issue
