@@ -265,3 +265,16 @@ def test_meter_per_row_outside_the_step(target):
                         meter=lambda: Meter("cpu", 64, 3))
     for _, steps in got.values():
         assert all(set(METER_FIELDS) <= set(s) and len(s["h_verify"]) == s["emitted"] for s in steps)
+
+
+@pytest.mark.parametrize("name", ["layerskip", "eagle-tree", "model"])
+def test_sampled_outputs_do_not_depend_on_the_batch(cases, name):
+    """At temperature > 0 every draw is keyed by (seed, prompt, turn, drafter, position), so a prompt's
+    sampled answer is the same whichever rows share its batch and wherever it moves when the batch
+    shrinks (a key left behind on a moved row changes it)."""
+    tgt, make = cases[name]
+    one, _ = decode_all(tgt, make(), 1, temperature=1.0, seed=3, max_new=16)
+    four, _ = decode_all(tgt, make(), 4, temperature=1.0, seed=3, max_new=16)
+    assert {p: f["output_ids"] for p, (f, _) in four.items()} == {p: f["output_ids"] for p, (f, _) in one.items()}
+    other, _ = decode_all(tgt, make(), 1, temperature=1.0, seed=4, max_new=16)
+    assert {p: f["output_ids"] for p, (f, _) in other.items()} != {p: f["output_ids"] for p, (f, _) in one.items()}
