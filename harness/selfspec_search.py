@@ -344,5 +344,23 @@ def cmd_search(args) -> int:
           f"best measured tok/s among the candidates: {'yes' if result['chosen_is_best_measured'] else 'no'}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, allow_nan=True), encoding="utf-8")
-    print(f"search: {args.out}")
+    (args.out.parent / "env.json").write_text(json.dumps(search_environment(target, args), indent=2))
+    print(f"search: {args.out} (env.json beside it)")
     return 0
+
+
+def search_environment(target, args) -> dict:
+    """What a search result needs to be compared: machine, versions, dtype, threads, commit, command."""
+    import platform
+    import sys
+    from datetime import datetime
+
+    import transformers
+
+    from harness.provenance import git_commit
+
+    return dict(device=str(target.device), python=platform.python_version(), torch=torch.__version__,
+                transformers=transformers.__version__, dtype=str(target.dtype).replace("torch.", ""),
+                target=target.name, backend=target.backend, threads=torch.get_num_threads(), host=platform.node(),
+                processor=platform.processor() or platform.machine(), git_commit=git_commit(),
+                command=" ".join(["spec-harness"] + sys.argv[1:]), time=datetime.now().isoformat(timespec="seconds"))

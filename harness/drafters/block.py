@@ -62,15 +62,7 @@ class BlockDrafter(EagleDrafter):
 
 def build_block(target, cfg) -> BlockDrafter:
     """The `block` drafter: cfg.head, else the head shipped for this target."""
-    from pathlib import Path
+    from harness.drafters.heads import Frozen, head_folder, load_head
 
-    from harness.drafters.heads import Frozen, load_head, shipped_head
-
-    folder = cfg.head or shipped_head(target.name, "block")
-    if folder is None:
-        raise UserError(f"no block head for target '{target.name}': train one with `spec-harness train-head "
-                        f"--target {cfg.target} --variant block --data sharegpt --out heads/{target.name}-block` "
-                        f"and pass --head heads/{target.name}-block")
-    if not Path(folder).exists():
-        raise UserError(f"head folder {folder} not found: check --head")
+    folder = head_folder("block", target, cfg, train_flags=" --data sharegpt")
     return BlockDrafter(load_head(folder, target, "block"), Frozen.of(target), "block", target.max_len, target.device)

@@ -22,14 +22,13 @@ the committed length, are simply overwritten (a pointer move, no copy).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from harness.drafters.base import Committed, DraftContext, Drafter, sample_or_argmax
 from harness.errors import UserError
-from harness.drafters.heads import EagleHead, Frozen, load_head, shipped_head
+from harness.drafters.heads import EagleHead, Frozen, head_folder, load_head
 from harness.targets.base import causal_or_tree_mask
 from harness.types import Proposal
 
@@ -374,13 +373,7 @@ class EagleDrafter(Drafter):
 
 def build_eagle(name: str, target, cfg) -> EagleDrafter:
     """The `eagle` / `eagle3` drafter: cfg.head, else the head shipped for this target."""
-    folder = cfg.head or shipped_head(target.name, name)
-    if folder is None:
-        raise UserError(f"no {name} head for target '{target.name}': train one with `spec-harness train-head "
-                        f"--target {cfg.target} --variant {name} --out heads/{target.name}-{name}` and pass "
-                        f"--head heads/{target.name}-{name}")
-    if not Path(folder).exists():
-        raise UserError(f"head folder {folder} not found: check --head")
+    folder = head_folder(name, target, cfg)
     head = load_head(folder, target, name)
     frozen = Frozen.of(target)
     return EagleDrafter(head, frozen, name, tree_shape(cfg, target.device), target.max_len, target.device)

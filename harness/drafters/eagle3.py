@@ -156,19 +156,24 @@ class Eagle3Head(nn.Module):
         return full.index_copy(-1, self.target_ids(), logits)
 
 
-def init_eagle3(cfg, frozen, seed: int, token_counts: torch.Tensor | None = None, cls=None) -> Eagle3Head:
-    """A fresh EAGLE-3 head. The draft vocabulary is the N most frequent target tokens of token_counts [V]
-    (the first N ids without counts); lm_head starts from the target's LM-head rows of those tokens, norm
-    from the target's final norm."""
+def seeded_init(head: nn.Module, seed: int) -> nn.Module:
+    """Linear weights ~ N(0, 0.02), biases 0, drawn from `seed` without disturbing the global RNG."""
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    head = (cls or Eagle3Head)(cfg)
     for mod in head.modules():
         if isinstance(mod, nn.Linear):
             nn.init.normal_(mod.weight, std=0.02)
             if mod.bias is not None:
                 nn.init.zeros_(mod.bias)
     torch.random.set_rng_state(gen_state)
+    return head
+
+
+def init_eagle3(cfg, frozen, seed: int, token_counts: torch.Tensor | None = None, cls=None) -> Eagle3Head:
+    """A fresh EAGLE-3 head. The draft vocabulary is the N most frequent target tokens of token_counts [V]
+    (the first N ids without counts); lm_head starts from the target's LM-head rows of those tokens, norm
+    from the target's final norm."""
+    head = seeded_init((cls or Eagle3Head)(cfg), seed)
     N = cfg.draft_vocab or cfg.vocab_size
     ids = (torch.arange(N) if token_counts is None or N == cfg.vocab_size
            else token_counts.topk(N).indices.sort().values)

@@ -217,16 +217,8 @@ def init_head(cfg: HeadConfig, frozen: Frozen, seed: int, token_counts: torch.Te
     if cfg.variant == "block":
         from harness.drafters.block_head import init_block
         return init_block(cfg, frozen, seed, token_counts)
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    head = EagleHead(cfg)
-    for mod in head.modules():
-        if isinstance(mod, nn.Linear):
-            nn.init.normal_(mod.weight, std=0.02)
-            if mod.bias is not None:
-                nn.init.zeros_(mod.bias)
-    torch.random.set_rng_state(gen_state)
-    return head
+    from harness.drafters.eagle3 import seeded_init
+    return seeded_init(EagleHead(cfg), seed)
 
 
 def new_head(cfg: HeadConfig) -> nn.Module:
@@ -309,6 +301,18 @@ def load_head(folder: str | Path, target, variant: str) -> nn.Module:
     head = head.to(target.device, target.dtype).eval().requires_grad_(False)
     head.inv_freq = rope_inv_freq(cfg.spec()).float().to(target.device)  # kept in fp32 whatever the dtype
     return head
+
+
+def head_folder(name: str, target, cfg, train_flags: str = "") -> str:
+    """--head, else the head shipped for this target; a one-line error says how to train one."""
+    folder = cfg.head or shipped_head(target.name, name)
+    if folder is None:
+        raise UserError(f"no {name} head for target '{target.name}': train one with `spec-harness train-head "
+                        f"--target {cfg.target} --variant {name}{train_flags} --out heads/{target.name}-{name}` "
+                        f"and pass --head heads/{target.name}-{name}")
+    if not Path(folder).exists():
+        raise UserError(f"head folder {folder} not found: check --head")
+    return folder
 
 
 def shipped_head(target_name: str, variant: str) -> Path | None:
