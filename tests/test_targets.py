@@ -140,3 +140,40 @@ def test_smollm2_native_matches_hf():
     b = hf.prefill(ids).logits
     torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
     assert a[0, -1].argmax() == b[0, -1].argmax()
+
+
+# -- native.linear: oneDNN's packed weights on the CPU ---------------------------------------------------------
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 17])
+def test_linear_equals_f_linear(rows):
+    """linear() is F.linear up to float rounding, at every row count a step has, with and without a bias,
+    for 2-D and 3-D inputs."""
+    from harness.targets.native import linear
+
+    g = torch.Generator().manual_seed(rows)
+    w, b = torch.randn(48, 24, generator=g), torch.randn(48, generator=g)
+    x = torch.randn(rows, 24, generator=g)
+    with torch.inference_mode():
+        torch.testing.assert_close(linear(x, w), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(linear(x.view(1, rows, 24), w, b),
+                                   torch.nn.functional.linear(x.view(1, rows, 24), w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_follows_a_weight_changed_in_place():
+    """The packed copy is remade when the weight changes in place (a test scaling a layer after the target
+    was built, a head trained between evaluations)."""
+    from harness.targets.native import linear
+
+    w, x = torch.randn(16, 8), torch.randn(3, 8)
+    with torch.inference_mode():
+        linear(x, w)
+    w.mul_(2.0)
+    with torch.inference_mode():
+        torch.testing.assert_close(linear(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_carries_the_gradient_while_training():
+    from harness.targets.native import linear
+
+    w = torch.randn(16, 8, requires_grad=True)
+    linear(torch.randn(3, 8), w).sum().backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.targets.native import LlamaSpec, apply_rope, rms_norm, rope_inv_freq
+from harness.targets.native import LlamaSpec, apply_linear, apply_rope, linear, rms_norm, rope_inv_freq
 
 
 class RMSNorm(nn.Module):
@@ -59,7 +59,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(I, H, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return apply_linear(self.down_proj, F.silu(apply_linear(self.gate_proj, x)) * apply_linear(self.up_proj, x))
 
 
 class MidLayer(nn.Module):
@@ -82,9 +82,9 @@ class MidLayer(nn.Module):
         B, T, _ = x.shape
         e, g = x.split(s.hidden_size, -1)
         h = torch.cat([self.input_layernorm(e), self.hidden_norm(g)], -1)
-        q = a.q_proj(h).view(B, T, s.num_heads, s.head_dim).transpose(1, 2)
-        k = a.k_proj(h).view(B, T, s.num_kv_heads, s.head_dim).transpose(1, 2)
-        v = a.v_proj(h).view(B, T, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        q = apply_linear(a.q_proj, h).view(B, T, s.num_heads, s.head_dim).transpose(1, 2)
+        k = apply_linear(a.k_proj, h).view(B, T, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        v = apply_linear(a.v_proj, h).view(B, T, s.num_kv_heads, s.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, q, k, v, mask):
@@ -95,7 +95,7 @@ class MidLayer(nn.Module):
     def finish(self, x, att):
         # x [B, T, 2H]; att [B, Hq, T, D] -> the layer's output [B, T, H]
         B, T, _ = x.shape
-        r = x[..., self.spec.hidden_size:] + self.self_attn.o_proj(att.transpose(1, 2).reshape(B, T, -1))
+        r = x[..., self.spec.hidden_size:] + apply_linear(self.self_attn.o_proj, att.transpose(1, 2).reshape(B, T, -1))
         return r + self.mlp(self.post_attention_layernorm(r))
 
 
@@ -134,7 +134,7 @@ class Eagle3Head(nn.Module):
 
     def features(self, hidden: dict[int, torch.Tensor]) -> torch.Tensor:
         """Target hidden states {layer: [B, T, H]} -> the fused feature g [B, T, H]."""
-        return self.fc(torch.cat([hidden[layer] for layer in self.cfg.layers], -1))
+        return apply_linear(self.fc, torch.cat([hidden[layer] for layer in self.cfg.layers], -1))
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
         ang = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
@@ -146,7 +146,7 @@ class Eagle3Head(nn.Module):
 
     def logits(self, out: torch.Tensor, frozen=None) -> torch.Tensor:
         """Head output [.., H] -> logits over the draft vocabulary [.., N]."""
-        return self.lm_head(self.norm(out))
+        return linear(self.norm(out), self.lm_head.weight)
 
     def to_target_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary logits [.., N] -> [.., V] (-inf outside the draft vocabulary)."""

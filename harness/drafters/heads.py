@@ -33,7 +33,7 @@ from torch import nn
 
 from harness.errors import UserError
 from harness.targets.attention import attend, choose_attention
-from harness.targets.native import SUPPORTED_MODEL_TYPES, LlamaSpec, apply_rope, rms_norm, rope_inv_freq
+from harness.targets.native import SUPPORTED_MODEL_TYPES, LlamaSpec, apply_linear, apply_rope, linear, rms_norm, rope_inv_freq
 
 VARIANTS = ("eagle", "eagle3", "block")  # block: harness.drafters.block (eagle3 layout + a mask embedding)
 FORMAT_VERSION = 2  # 2: eagle3 heads in the EAGLE-3 / vLLM layout (format-1 eagle3 heads are refused)
@@ -152,9 +152,9 @@ class HeadLayer(nn.Module):
         s = self.spec
         B, T, _ = x.shape
         h = rms_norm(x, self.ln1, s.rms_eps) if self.ln1 is not None else x
-        q = self.wq(h).view(B, T, s.num_heads, s.head_dim).transpose(1, 2)
-        k = self.wk(h).view(B, T, s.num_kv_heads, s.head_dim).transpose(1, 2)
-        v = self.wv(h).view(B, T, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        q = apply_linear(self.wq, h).view(B, T, s.num_heads, s.head_dim).transpose(1, 2)
+        k = apply_linear(self.wk, h).view(B, T, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        v = apply_linear(self.wv, h).view(B, T, s.num_kv_heads, s.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, q, k, v, mask):
@@ -165,9 +165,9 @@ class HeadLayer(nn.Module):
     def finish(self, x, att):
         # x [B, T, H]; att [B, Hq, T, D] -> the layer's output [B, T, H]
         B, T, _ = x.shape
-        x = x + self.wo(att.transpose(1, 2).reshape(B, T, -1))
+        x = x + apply_linear(self.wo, att.transpose(1, 2).reshape(B, T, -1))
         h = rms_norm(x, self.ln2, self.spec.rms_eps)
-        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+        return x + apply_linear(self.down, F.silu(apply_linear(self.gate, h)) * apply_linear(self.up, h))
 
 
 class EagleHead(nn.Module):
@@ -195,11 +195,11 @@ class EagleHead(nn.Module):
     def inputs(self, embeds: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         if self.fnorm is not None:
             feats = rms_norm(feats, self.fnorm, self.cfg.rms_eps)  # the target's last-layer features run large
-        return self.fc(torch.cat([embeds, feats], -1))  # [B, T, 2H] -> [B, T, H]
+        return apply_linear(self.fc, torch.cat([embeds, feats], -1))  # [B, T, 2H] -> [B, T, H]
 
     def logits(self, out: torch.Tensor, frozen: Frozen) -> torch.Tensor:
         """Head output [.., H] -> logits over the target's vocabulary [.., V]."""
-        return F.linear(rms_norm(out, frozen.norm, frozen.eps), frozen.lm_head)
+        return linear(rms_norm(out, frozen.norm, frozen.eps), frozen.lm_head)
 
     def to_target_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         return logits  # eagle drafts over the target's vocabulary
