@@ -1,6 +1,6 @@
 """Cost of one target forward by the number of tokens it verifies (T = 1 is a plain decode step), on the
-CPU, with the target's linear layers run as harness.targets.native.linear does (a cached transposed copy of
-each weight: "NN") and as plain F.linear ("NT").
+CPU, with the target's linear layers run as harness.targets.native.linear runs them (oneDNN on weights
+packed once: "oneDNN") and as plain F.linear (MKL: "MKL").
 
 A speculative step pays for a verify forward of K + 1 tokens (or a tree's nodes); on a GPU that costs
 about what a one-token forward costs, on a CPU it does not, and that ratio is what a drafter's tau has to
@@ -53,11 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     target.reset(1)
     target.prefill_row(0, torch.randint(0, 1000, (1, args.context)))
     base = target.lengths_host[0]
-    nn_linear = native.linear
-    nt_linear = torch.nn.functional.linear
+    packed_linear = native.linear
+    mkl_linear = torch.nn.functional.linear
 
-    def one(T: int, nn_layout: bool) -> float:
-        native.linear = nn_linear if nn_layout else nt_linear  # Block and NativeLM look it up at call time
+    def one(T: int, packed: bool) -> float:
+        native.linear = packed_linear if packed else mkl_linear  # Block and NativeLM look it up at call time
         ids = torch.randint(0, 1000, (1, T))
         t0 = time.perf_counter()
         target.forward(ids)
@@ -65,27 +65,27 @@ def main(argv: list[str] | None = None) -> int:
         target.lengths, target.lengths_host = torch.tensor([base]), [base]  # drop the verified tokens
         return dt
 
-    times: dict[str, dict[int, list[float]]] = {"NN": {}, "NT": {}}
+    times: dict[str, dict[int, list[float]]] = {"oneDNN": {}, "MKL": {}}
     try:
         for T in tqdm(WIDTHS, desc="widths"):
             for _ in range(3):  # warm-up
                 one(T, True), one(T, False)
             for _ in range(args.reps):
-                for setting in ("NN", "NT"):
-                    times[setting].setdefault(T, []).append(one(T, setting == "NN"))
+                for setting in ("oneDNN", "MKL"):
+                    times[setting].setdefault(T, []).append(one(T, setting == "oneDNN"))
     finally:
-        native.linear = nn_linear
+        native.linear = packed_linear
     rows = []
     for T in WIDTHS:
         med = {s: 1000 * statistics.median(times[s][T]) for s in times}
-        rows.append(dict(tokens=T, ms_nn=round(med["NN"], 2), ms_nt=round(med["NT"], 2)))
+        rows.append(dict(tokens=T, ms_onednn=round(med["oneDNN"], 2), ms_mkl=round(med["MKL"], 2)))
     for r in rows:
-        r["nn_vs_one_token"] = round(r["ms_nn"] / rows[0]["ms_nn"], 3)
-        r["nt_vs_one_token"] = round(r["ms_nt"] / rows[0]["ms_nt"], 3)
-    lines = ["| tokens verified | ms, NN (harness) | ms, NT (F.linear) | NT / NN | x one-token forward, NN | NT |",
+        r["onednn_vs_one_token"] = round(r["ms_onednn"] / rows[0]["ms_onednn"], 3)
+        r["mkl_vs_one_token"] = round(r["ms_mkl"] / rows[0]["ms_mkl"], 3)
+    lines = ["| tokens verified | ms, oneDNN (harness) | ms, MKL (F.linear) | MKL / oneDNN | x one-token forward, oneDNN | MKL |",
              "|---|---|---|---|---|---|"]
-    lines += [f"| {r['tokens']} | {r['ms_nn']:.1f} | {r['ms_nt']:.1f} | {r['ms_nt'] / r['ms_nn']:.2f} | "
-              f"{r['nn_vs_one_token']:.2f} | {r['nt_vs_one_token']:.2f} |" for r in rows]
+    lines += [f"| {r['tokens']} | {r['ms_onednn']:.1f} | {r['ms_mkl']:.1f} | {r['ms_mkl'] / r['ms_onednn']:.2f} | "
+              f"{r['onednn_vs_one_token']:.2f} | {r['mkl_vs_one_token']:.2f} |" for r in rows]
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
