@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from harness.config import RunConfig
-from harness.drafters import build_drafter, is_peer, is_vllm, validate_drafters
+from harness.drafters import base_name, build_drafter, drafter_config, is_peer, is_vllm, validate_drafters
 from harness.engine.divergence import divergences
 from harness.engine.fast import enable_fast, enable_fast_drafter, precapture, resolve_fast
 from harness.engine.scheduler import Scheduler
@@ -197,7 +197,7 @@ def run(cfg: RunConfig, out: Path | None = None, rank: int = 0, world: int = 1, 
     if cfg.fast:
         target = enable_fast(target, mode=cfg.fast_mode)
     names = ["ar"] + [d for d in cfg.drafters if d != "ar"] if "ar" in cfg.drafters else list(cfg.drafters)
-    if "selfspec" in names and (cfg.skip_layers or "auto").strip() == "auto":
+    if any(base_name(n) == "selfspec" for n in names) and (cfg.skip_layers or "auto").strip() == "auto":
         from harness.selfspec_search import format_table as search_table, search
         cfg.extra["selfspec_search"] = search(target)  # the skip set, chosen on the calibration prompts
         print(search_table(cfg.extra["selfspec_search"]))
@@ -207,7 +207,7 @@ def run(cfg: RunConfig, out: Path | None = None, rank: int = 0, world: int = 1, 
     B = cfg.batch_size
     if B > 1:
         for name, drafter in drafters.items():
-            if is_peer(drafter) and not is_vllm(name):
+            if is_peer(drafter) and not is_vllm(base_name(name)):
                 raise UserError(f"{name} (a peer) decodes one sequence at a time: drop it or use --batch-size 1")
     meter = _meter(cfg, target)
     make_run_dir(cfg, out)
@@ -221,7 +221,7 @@ def run(cfg: RunConfig, out: Path | None = None, rank: int = 0, world: int = 1, 
     try:
         if B > 1 or cfg.extra.get("k_auto") or cfg.extra.get("calibration"):
             # vLLM peers get the batch themselves (harness.drafters.vllm_batch), after our drafters
-            vllm = {n: drafters.pop(n) for n in list(drafters) if is_vllm(n)} if B > 1 else {}
+            vllm = {n: drafters.pop(n) for n in list(drafters) if is_vllm(base_name(n))} if B > 1 else {}
             _run_batched(cfg, target, drafters, prompts, done, eos, rec, meter)
             if vllm:
                 from harness.drafters.vllm_batch import run_vllm_batched
@@ -241,14 +241,16 @@ def _run_interleaved(cfg, target, drafters, prompts, done, eos, rec, meter, rank
     if todo and cfg.warmup:
         for name, drafter in drafters.items():  # warm-up: not recorded
             for p in prompts[:cfg.warmup]:
-                run_prompt(cfg, target, drafter, p, eos, max_new=min(16, cfg.max_new_tokens), name=name)
+                run_prompt(drafter_config(cfg, name), target, drafter, p, eos, max_new=min(16, cfg.max_new_tokens),
+                           name=name)
         if cfg.fast:  # capture every chain length now rather than inside a timed prompt
-            precapture(target, drafters.values(), cfg.k)
+            precapture(target, drafters.values(), max(drafter_config(cfg, n).k for n in drafters))
     totals = {n: [0, 0.0, 0, 0] for n in drafters}  # new tokens, wall, emitted, steps
     bar = tqdm(todo, desc="decoding" if world == 1 else f"decoding rank {rank}", unit="prompt", dynamic_ncols=True)
     for p, name in bar:
         drafter = drafters[name]
-        fields, steps = run_prompt(cfg, target, drafter, p, eos, meter=None if is_peer(drafter) else meter,
+        fields, steps = run_prompt(drafter_config(cfg, name), target, drafter, p, eos,
+                                   meter=None if is_peer(drafter) else meter,
                                    name=name)
         rec.prompt(name, 1, p, fields, steps)
         t = totals[name]
@@ -269,8 +271,8 @@ def _run_batched(cfg, target, drafters, prompts, done, eos, rec, meter) -> None:
         todo = [p for p in prompts if (name, p.prompt_id) not in done]
         if not todo:
             continue
-        k, prediction = plan_for_run(cfg, target, drafter, name, rec.out)
-        dcfg = dataclasses.replace(cfg, k=k)
+        k, prediction = plan_for_run(drafter_config(cfg, name), target, drafter, name, rec.out)
+        dcfg = dataclasses.replace(drafter_config(cfg, name), k=k)
         bar = tqdm(total=len(todo), desc=f"{name} B={B} K={k}", unit="prompt", dynamic_ncols=True)
         new_tokens = [0]
 

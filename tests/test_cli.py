@@ -79,6 +79,11 @@ def test_run_writes_the_run_folder_and_resume_skips_finished(tiny_dir, prompts_f
     (["run", "--k", "65"], "--k must be between 1 and 64"),
     (["run", "--temperature", "-1"], "--temperature must be >= 0"),
     (["run", "--max-new-tokens", "0"], "--max-new-tokens must be > 0"),
+    (["run", "--drafters", "ar,eagle3:kk=3"], "'kk=3' is not KEY=VALUE"),
+    (["run", "--drafters", "ar,eagle3:k=x"], "k must be an integer, got 'x'"),
+    (["run", "--drafters", "ar,eagle3:k=0"], "k must be between 1 and 64"),
+    (["run", "--drafters", "ar:k=3"], "ar takes no settings"),
+    (["run", "--drafters", "ar,ngram,ngram"], "a drafter is named twice"),
 ])
 def test_user_errors_are_one_line(args, message):
     res = spec(*args)
@@ -111,3 +116,22 @@ def test_list_names_targets_drafters_suites():
     for name in ("smollm2-135m", "gemma3-270m", "ngram", "layerskip", "eagle", "eagle3", "block", "mini", "humaneval",
                  "mt-bench"):
         assert name in res.stdout
+
+
+def test_drafter_settings_run_side_by_side(tiny_dir, prompts_file, tmp_path):
+    """ngram:k=1 and ngram:k=4 in one run: each decodes with its own K (no step drafts more than it), both
+    equal ar at T = 0, and each is its own row of the summary."""
+    res = spec("run", "--target", str(tiny_dir), "--prompts", str(prompts_file), "--drafters",
+               "ar,ngram:k=1,ngram:k=4", "--max-new-tokens", "16", "--k", "2", "--out", str(tmp_path),
+               "--run-id", "v", "--meter", "off")
+    assert res.returncode == 0, res.stderr
+    run = tmp_path / "v"
+    steps = list(read_jsonl(run / "steps.jsonl"))
+    drafted = {name: max(s["drafted"] for s in steps if s["drafter"] == name) for name in ("ngram:k=1", "ngram:k=4")}
+    assert drafted["ngram:k=1"] == 1 and drafted["ngram:k=4"] > 2, drafted
+    prompts = list(read_jsonl(run / "prompts.jsonl"))
+    ar = {p["prompt_id"]: p["output_ids"] for p in prompts if p["drafter"] == "ar"}
+    for p in prompts:
+        assert p["output_ids"] == ar[p["prompt_id"]], p["drafter"]
+    rows = {r["drafter"] for r in csv.DictReader(open(run / "summary.csv"))}
+    assert rows == {"ar", "ngram:k=1", "ngram:k=4"}

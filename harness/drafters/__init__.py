@@ -1,9 +1,16 @@
 """Drafters, one protocol (base.py). Names used on the command line:
 
 ar, ngram, suffix, layerskip, selfspec, model, eagle, eagle3, block, and the peers hf-generate, hf-prompt-lookup, and
-vllm, vllm-ngram, vllm-draft, vllm-eagle3 (vLLM in its own venv: harness.drafters.vllm_peer)."""
+vllm, vllm-ngram, vllm-draft, vllm-eagle3 (vLLM in its own venv: harness.drafters.vllm_peer).
+
+A name may carry settings of its own, NAME:KEY=VALUE[:KEY=VALUE...] with the keys of VARIANT_OPTIONS
+(the run's flags of the same name, dashes or underscores): `--drafters ar,eagle3:k=3,eagle3:depth=5:top_k=8:total_tokens=32`
+runs a chain of 3 and a tree in one run, on the same prompts against the same `ar`. The whole spec is the
+drafter's label in every record, table and random-stream key; the run's flags apply to what it leaves out."""
 
 from __future__ import annotations
+
+import dataclasses
 
 from harness.drafters.base import Committed, DraftContext, Drafter
 from harness.drafters.vllm_peer import VLLM_DRAFTERS, is_vllm
@@ -25,13 +32,56 @@ DRAFTERS = {
 }
 
 
+VARIANT_OPTIONS = {"k": int, "depth": int, "top_k": int, "total_tokens": int, "head": str,
+                   "suffix_max_nodes": int, "suffix_alpha": float, "layerskip_layers": int}
+
+
+def base_name(spec: str) -> str:
+    """'eagle3:k=3' -> 'eagle3'."""
+    return spec.split(":", 1)[0]
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """'eagle3:k=3:total_tokens=0' -> ('eagle3', {'k': 3, 'total_tokens': 0}); a bad setting is a UserError."""
+    base, *settings = spec.split(":")
+    values: dict = {}
+    for setting in settings:
+        key, sep, raw = setting.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in VARIANT_OPTIONS:
+            raise UserError(f"drafter '{spec}': '{setting}' is not KEY=VALUE with KEY one of "
+                            f"{', '.join(VARIANT_OPTIONS)} (e.g. eagle3:k=3)")
+        if key in values:
+            raise UserError(f"drafter '{spec}' sets {key} twice")
+        kind = VARIANT_OPTIONS[key]
+        try:
+            values[key] = kind(raw.strip())
+        except ValueError:
+            raise UserError(f"drafter '{spec}': {key} must be {'an integer' if kind is int else 'a number'}, "
+                            f"got '{raw}'") from None
+    if values and base == "ar":
+        raise UserError(f"drafter '{spec}': ar takes no settings (it is the baseline)")
+    if "k" in values and not 1 <= values["k"] <= 64:
+        raise UserError(f"drafter '{spec}': k must be between 1 and 64, got {values['k']}")
+    return base, values
+
+
+def drafter_config(cfg, spec: str):
+    """The run's config with the drafter's own settings applied (harness.config.RunConfig)."""
+    values = parse_variant(spec)[1]
+    return dataclasses.replace(cfg, **values) if values else cfg
+
+
 def validate_drafters(names) -> None:
     if not names:
         raise UserError(f"no drafters given: choose from {', '.join(DRAFTERS)}")
     for name in names:
-        if name not in DRAFTERS:
-            raise UserError(f"unknown drafter '{name}': choose from {', '.join(DRAFTERS)}")
-    if any(is_vllm(n) for n in names):
+        if base_name(name) not in DRAFTERS:
+            raise UserError(f"unknown drafter '{base_name(name)}': choose from {', '.join(DRAFTERS)}")
+        parse_variant(name)
+    if len(set(names)) < len(names):
+        raise UserError(f"a drafter is named twice in --drafters {','.join(names)}: give each a setting of its own")
+    if any(is_vllm(base_name(n)) for n in names):
         from harness.drafters.vllm_peer import vllm_python
         vllm_python()  # before any model loads: a missing vLLM venv is a one-line error
 
@@ -47,6 +97,8 @@ def build_drafter(name: str, target, cfg):
     from harness.drafters.peer import HFGenerate
 
     validate_drafters([name])
+    cfg = drafter_config(cfg, name)
+    name = base_name(name)
     if name == "ar":
         return AR()
     if name == "ngram":
