@@ -29,7 +29,8 @@ def _use_triton(backend: str, device: torch.device) -> bool:
 
 
 def verify_chain(logits, cu_num_draft, draft_ids, draft_probs, temperature, seeds, positions, *,
-                 backend: str = "auto", uniforms=None, noise=None, kmax: int | None = None) -> ChainResult:
+                 backend: str = "auto", uniforms=None, noise=None, kmax: int | None = None,
+                 stats: bool = True) -> ChainResult:
     """Verify B draft chains against the target in one call.
 
     logits [N + B, V]: request b owns drafts cu[b] .. cu[b+1]-1 and target rows cu[b]+b .. cu[b+1]+b
@@ -39,6 +40,8 @@ def verify_chain(logits, cu_num_draft, draft_ids, draft_probs, temperature, seed
     uniforms [N] / noise [N + B, V]: optional injected accept uniforms / Gumbel noise (tests).
     kmax: an upper bound on every K_b from a trusted caller; skips the checks' one host read (the values
     are then not validated, only shapes, dtypes and devices).
+    stats: False when no one reads the per-draft statistics: the torch reference then skips them when
+    every request is greedy (argmax comparisons only); the Triton kernel computes them fused regardless.
     """
     inp = check_chain(logits, cu_num_draft, draft_ids, draft_probs, temperature, seeds, positions, uniforms, noise,
                       kmax)
@@ -46,19 +49,19 @@ def verify_chain(logits, cu_num_draft, draft_ids, draft_probs, temperature, seed
         from .chain import verify_chain_triton
 
         return verify_chain_triton(inp)
-    return verify_chain_reference(inp)
+    return verify_chain_reference(inp, stats=stats)
 
 
 def verify_tree(logits, tokens, parents, num_nodes, draft_probs, temperature, seeds, positions, *,
                 backend: str = "auto", uniforms=None, noise=None,
-                bounds: tuple[int, int] | None = None) -> TreeResult:
+                bounds: tuple[int, int] | None = None, stats: bool = True) -> TreeResult:
     """Verify B draft trees (node 0 = root = last emitted token; row n scores the children of node n).
 
     logits [B, T, V], tokens [B, T], parents [B, T] (parents[:, 0] = -1, parent < child), num_nodes [B],
     draft_probs [B, T, V] or None, temperature/seeds/positions [B] (positions = depth-1 position).
     uniforms [B, T] (accept test of node n) / noise [B, T, V] (draw at row n): optional injection.
     bounds: (max depth, max children of a node) from a trusted caller; skips the checks' host read of the
-    tree (its structure is then not validated).
+    tree (its structure is then not validated). stats: as for verify_chain.
     """
     inp = check_tree(logits, tokens, parents, num_nodes, draft_probs, temperature, seeds, positions, uniforms, noise,
                      bounds)
@@ -66,4 +69,4 @@ def verify_tree(logits, tokens, parents, num_nodes, draft_probs, temperature, se
         from .tree import verify_tree_triton
 
         return verify_tree_triton(inp)
-    return verify_tree_reference(inp)
+    return verify_tree_reference(inp, stats=stats)

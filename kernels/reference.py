@@ -25,7 +25,7 @@ NAN = float("nan")
 
 def _row_stats(raw: torch.Tensor, t_row: torch.Tensor):
     """raw [R, V] float64 logits, t_row [R] -> logp, p [R, V]; entropy, argmax, bad [R]."""
-    bad = (torch.isnan(raw) | (raw == float("inf"))).any(-1) | ~(raw.amax(-1) > float("-inf"))
+    bad = _bad_rows(raw)
     x = raw / t_row[:, None]
     logp = torch.log_softmax(x, -1)
     p = logp.exp()
@@ -45,7 +45,12 @@ def _f32(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.to(torch.float32) for k, v in stats.items()}
 
 
-def verify_chain_reference(inp: ChainInputs) -> ChainResult:
+def _bad_rows(raw: torch.Tensor) -> torch.Tensor:
+    """[R, V] logits -> [R] bool: a NaN or +inf, or no finite entry."""
+    return (torch.isnan(raw) | (raw == float("inf"))).any(-1) | ~(raw.amax(-1) > float("-inf"))
+
+
+def verify_chain_reference(inp: ChainInputs, stats: bool = True) -> ChainResult:
     dev = inp.logits.device
     B, N, V, K = inp.B, inp.N, inp.V, inp.kmax
     ar_b = torch.arange(B, device=dev)
@@ -55,6 +60,16 @@ def verify_chain_reference(inp: ChainInputs) -> ChainResult:
     draft_row = torch.arange(N, device=dev) + req_of_draft  # [N] row that judges draft i
     j_of_draft = torch.arange(N, device=dev) - inp.cu[:-1][req_of_draft]  # [N] position in its chain
     greedy = inp.temperature == 0  # [B]
+    # A batch that is all greedy draws nothing, and without statistics needs no probabilities: argmax
+    # comparisons only. (This reference runs on the host, where reading `all_greedy` costs nothing.)
+    all_greedy = bool(greedy.all())
+    if all_greedy and not stats:
+        amax = inp.logits.argmax(-1)  # [N + B]: the argmax of the float64 copy too (the conversion is exact)
+        error = torch.zeros(B, device=dev).index_add_(0, req_of_row, _bad_rows(inp.logits).float()) > 0
+        num_accepted, final_row, _, _ = _accepted(inp, inp.draft_ids == amax[draft_row], error, counts,
+                                                  req_of_draft, j_of_draft)
+        emitted = _emitted(inp, num_accepted, amax[final_row], error, req_of_draft, j_of_draft)
+        return ChainResult(emitted, num_accepted, error, {})
     t_eff = torch.where(greedy, 1.0, inp.temperature.to(F64))  # [B]
 
     logp, p, entropy, amax, bad = _row_stats(inp.logits.to(F64), t_eff[req_of_row])  # [R, V] / [R]
@@ -72,45 +87,39 @@ def verify_chain_reference(inp: ChainInputs) -> ChainResult:
         alpha, entropy_q, kl = _q_stats(p[draft_row], logp[draft_row], q)
 
     # Accept tests: greedy compares with the argmax, sampling tests u * q(x) < p(x).
-    if inp.uniforms is not None:
-        u = inp.uniforms.to(F64)
+    if all_greedy:
+        accept = xd == amax[draft_row]  # [N]
     else:
-        u = rng.uniform(inp.seeds[req_of_draft], inp.positions[req_of_draft] + j_of_draft, xd, rng.STREAM_ACCEPT)
-    accept = torch.where(greedy[req_of_draft], xd == amax[draft_row], u * q_draft < p_draft)  # [N]
-    accept_pad = torch.zeros((B, K), dtype=torch.int64, device=dev)
-    accept_pad[req_of_draft, j_of_draft] = accept.long()
-    num_accepted = accept_pad.cumprod(1).sum(1) if K else torch.zeros(B, dtype=torch.int64, device=dev)
-    num_accepted = torch.where(error, 0, num_accepted)  # [B]
-    final_row = inp.cu[:-1] + ar_b + num_accepted  # [B] rejected row, or the bonus row
-    recovered = num_accepted < counts  # [B]
-    rej = (inp.cu[:-1] + num_accepted).clamp(max=max(N - 1, 0))  # [B] draft index of the rejected draft
+        if inp.uniforms is not None:
+            u = inp.uniforms.to(F64)
+        else:
+            u = rng.uniform(inp.seeds[req_of_draft], inp.positions[req_of_draft] + j_of_draft, xd, rng.STREAM_ACCEPT)
+        accept = torch.where(greedy[req_of_draft], xd == amax[draft_row], u * q_draft < p_draft)  # [N]
+    num_accepted, final_row, recovered, rej = _accepted(inp, accept, error, counts, req_of_draft, j_of_draft)
 
     # Draws: Gumbel-max over log(weights) + g.
-    if inp.noise is not None:
-        g = inp.noise.to(F64)[final_row]  # [B, V]
+    if all_greedy:
+        token = amax[final_row]  # [B]
     else:
-        g = rng.gumbel_rows(inp.seeds, inp.positions + num_accepted, V)
-    lp = logp[final_row]  # [B, V]
-    bonus_score = lp + g
-    if N:
-        if q is None:
-            log_w = lp.clone()
-            log_w[ar_b, xd[rej]] = float("-inf")  # max(0, p - onehot(x)) is 0 at x
+        if inp.noise is not None:
+            g = inp.noise.to(F64)[final_row]  # [B, V]
         else:
-            log_w = torch.log(torch.clamp(p[final_row] - q[rej], min=0.0))
-        all_zero = ~(log_w.amax(-1) > float("-inf"))  # residual is all zero: fall back to p
-        residual_score = torch.where(all_zero[:, None], bonus_score, log_w + g)
-        sampled = torch.where(recovered, residual_score.argmax(-1), bonus_score.argmax(-1))
-    else:
-        sampled = bonus_score.argmax(-1)
-    token = torch.where(greedy, amax[final_row], sampled)  # [B]
-
-    cols = torch.arange(K + 1, device=dev)
-    drafts_pad = torch.full((B, K + 1), -1, dtype=torch.int64, device=dev)
-    drafts_pad[req_of_draft, j_of_draft] = xd
-    emitted = torch.where(cols[None, :] < num_accepted[:, None], drafts_pad, -1)
-    emitted[ar_b, num_accepted] = token
-    emitted[error] = -1
+            g = rng.gumbel_rows(inp.seeds, inp.positions + num_accepted, V)
+        lp = logp[final_row]  # [B, V]
+        bonus_score = lp + g
+        if N:
+            if q is None:
+                log_w = lp.clone()
+                log_w[ar_b, xd[rej]] = float("-inf")  # max(0, p - onehot(x)) is 0 at x
+            else:
+                log_w = torch.log(torch.clamp(p[final_row] - q[rej], min=0.0))
+            all_zero = ~(log_w.amax(-1) > float("-inf"))  # residual is all zero: fall back to p
+            residual_score = torch.where(all_zero[:, None], bonus_score, log_w + g)
+            sampled = torch.where(recovered, residual_score.argmax(-1), bonus_score.argmax(-1))
+        else:
+            sampled = bonus_score.argmax(-1)
+        token = torch.where(greedy, amax[final_row], sampled)  # [B]
+    emitted = _emitted(inp, num_accepted, token, error, req_of_draft, j_of_draft)
 
     if N:
         q_tok = q[rej, token] if q is not None else (token == xd[rej]).to(F64)
@@ -129,20 +138,90 @@ def verify_chain_reference(inp: ChainInputs) -> ChainResult:
     return ChainResult(emitted, num_accepted, error, _f32(draft | request))
 
 
-def verify_tree_reference(inp: TreeInputs) -> TreeResult:
+def _accepted(inp: ChainInputs, accept, error, counts, req_of_draft, j_of_draft):
+    """accept [N] per draft -> num_accepted [B] (the leading run), final_row [B] (the rejected draft's row
+    or the bonus row), recovered [B] (a draft was rejected), rej [B] (the rejected draft's index)."""
+    B, N, K, dev = inp.B, inp.N, inp.kmax, inp.logits.device
+    accept_pad = torch.zeros((B, K), dtype=torch.int64, device=dev)
+    accept_pad[req_of_draft, j_of_draft] = accept.long()
+    num_accepted = accept_pad.cumprod(1).sum(1) if K else torch.zeros(B, dtype=torch.int64, device=dev)
+    num_accepted = torch.where(error, 0, num_accepted)  # [B]
+    final_row = inp.cu[:-1] + torch.arange(B, device=dev) + num_accepted
+    recovered = num_accepted < counts
+    rej = (inp.cu[:-1] + num_accepted).clamp(max=max(N - 1, 0))
+    return num_accepted, final_row, recovered, rej
+
+
+def _emitted(inp: ChainInputs, num_accepted, token, error, req_of_draft, j_of_draft) -> torch.Tensor:
+    """[B, K + 1]: the accepted drafts, then the recovered or bonus token, -1 after (all -1 on error)."""
+    B, K, dev = inp.B, inp.kmax, inp.logits.device
+    cols = torch.arange(K + 1, device=dev)
+    drafts_pad = torch.full((B, K + 1), -1, dtype=torch.int64, device=dev)
+    drafts_pad[req_of_draft, j_of_draft] = inp.draft_ids
+    emitted = torch.where(cols[None, :] < num_accepted[:, None], drafts_pad, -1)
+    emitted[torch.arange(B, device=dev), num_accepted] = token
+    emitted[error] = -1
+    return emitted
+
+
+def verify_tree_reference(inp: TreeInputs, stats: bool = True) -> TreeResult:
     dev = inp.logits.device
     B, T, V, D = inp.B, inp.T, inp.V, inp.dmax
     greedy = inp.temperature == 0
-    t_eff = torch.where(greedy, 1.0, inp.temperature.to(F64))
-    logp, p, entropy, amax, bad = _row_stats(inp.logits.to(F64).reshape(B * T, V), t_eff.repeat_interleave(T))
-    logp, p = logp.view(B, T, V), p.view(B, T, V)
-    entropy, amax, bad = entropy.view(B, T), amax.view(B, T), bad.view(B, T)
+    all_greedy = bool(greedy.all())  # (a host read: free where this reference runs)
+    lean = all_greedy and not stats  # argmax comparisons only: no probabilities, no statistics
+    if lean:
+        amax, bad = inp.logits.argmax(-1), _bad_rows(inp.logits.reshape(B * T, V)).view(B, T)  # [B, T]
+        p = q = None
+    else:
+        t_eff = torch.where(greedy, 1.0, inp.temperature.to(F64))
+        logp, p, entropy, amax, bad = _row_stats(inp.logits.to(F64).reshape(B * T, V), t_eff.repeat_interleave(T))
+        logp, p = logp.view(B, T, V), p.view(B, T, V)
+        entropy, amax, bad = entropy.view(B, T), amax.view(B, T), bad.view(B, T)
+        q = inp.draft_probs.to(F64) if inp.draft_probs is not None else None
     nodes = torch.arange(T, device=dev)
     valid = nodes[None, :] < inp.num_nodes[:, None]  # [B, T]
     error = (bad & valid).any(1)  # [B]
+    if not lean:
+        draft = _tree_draft_stats(inp, p, logp, q, entropy, valid, error)
 
-    # Per-node statistics: node n's token judged under its parent's row.
-    q = inp.draft_probs.to(F64) if inp.draft_probs is not None else None
+    # The walk, all requests together: one step per depth, children tried in index order.
+    ar = torch.arange(B, device=dev)
+    node = torch.zeros(B, dtype=torch.int64, device=dev)
+    depth = torch.zeros(B, dtype=torch.int64, device=dev)
+    alive = ~error
+    path = torch.full((B, D + 1), -1, dtype=torch.int64, device=dev)
+    path[:, 0] = 0
+    emitted = torch.full((B, D + 1), -1, dtype=torch.int64, device=dev)
+    final_r = None if all_greedy else torch.zeros((B, V), dtype=F64, device=dev)  # residual at the final node
+    final_kids = torch.zeros((B, V), dtype=torch.bool, device=dev)  # tokens of the final node's children
+    has_kids = torch.zeros(B, dtype=torch.bool, device=dev)
+    for _ in range(D + 1):
+        if not bool(alive.any()):
+            break
+        try_children = _greedy_children if all_greedy else _try_children
+        r, kid_tok, chosen, n_kids = try_children(inp, node, depth, alive, valid, p, amax, q)
+        done = alive & (chosen < 0)
+        if final_r is not None:
+            final_r[done] = r[done]
+        final_kids[done], has_kids[done] = kid_tok[done], n_kids[done] > 0
+        step = alive & (chosen >= 0)
+        depth = depth + step.long()
+        rows = ar[step]
+        path[rows, depth[step]] = chosen[step]
+        emitted[rows, depth[step] - 1] = inp.tokens[rows, chosen[step]]
+        node = torch.where(step, chosen, node)
+        alive = step
+    return _tree_finish(inp, lean, all_greedy, greedy, path, emitted, node, depth, error, amax, p,
+                        None if lean else logp, q, None if lean else entropy, final_r, final_kids, has_kids,
+                        None if lean else draft)
+
+
+def _tree_draft_stats(inp: TreeInputs, p, logp, q, entropy, valid, error) -> dict:
+    """Per-node statistics: node n's token judged under its parent's row."""
+    B, T, V = p.shape
+    dev = p.device
+    nodes = torch.arange(T, device=dev)
     is_draft = valid & (nodes[None, :] > 0)
     par = torch.where(is_draft, inp.parents, 0)  # [B, T]
     tok = torch.where(is_draft, inp.tokens, 0)
@@ -157,42 +236,30 @@ def verify_tree_reference(inp: TreeInputs) -> TreeResult:
         alpha, entropy_q, kl = alpha_r.gather(1, par), entropy_q_r.gather(1, par), kl_r.gather(1, par)
     keep = is_draft & ~error[:, None]
     draft = dict(zip(DRAFT_STATS, (p_draft, q_draft, alpha, entropy.gather(1, par), entropy_q, kl)))
-    draft = {k: torch.where(keep, v, NAN) for k, v in draft.items()}
+    return {k: torch.where(keep, v, NAN) for k, v in draft.items()}
 
-    # The walk, all requests together: one step per depth, children tried in index order.
-    ar = torch.arange(B, device=dev)
-    node = torch.zeros(B, dtype=torch.int64, device=dev)
-    depth = torch.zeros(B, dtype=torch.int64, device=dev)
-    alive = ~error
-    path = torch.full((B, D + 1), -1, dtype=torch.int64, device=dev)
-    path[:, 0] = 0
-    emitted = torch.full((B, D + 1), -1, dtype=torch.int64, device=dev)
-    final_r = torch.zeros((B, V), dtype=F64, device=dev)  # residual at the final node
-    final_kids = torch.zeros((B, V), dtype=torch.bool, device=dev)  # tokens of the final node's children
-    has_kids = torch.zeros(B, dtype=torch.bool, device=dev)
-    for _ in range(D + 1):
-        if not bool(alive.any()):
-            break
-        r, kid_tok, chosen, n_kids = _try_children(inp, node, depth, alive, valid, p, amax, q)
-        done = alive & (chosen < 0)
-        final_r[done], final_kids[done], has_kids[done] = r[done], kid_tok[done], n_kids[done] > 0
-        step = alive & (chosen >= 0)
-        depth = depth + step.long()
-        rows = ar[step]
-        path[rows, depth[step]] = chosen[step]
-        emitted[rows, depth[step] - 1] = inp.tokens[rows, chosen[step]]
-        node = torch.where(step, chosen, node)
-        alive = step
 
+def _tree_finish(inp: TreeInputs, lean, all_greedy, greedy, path, emitted, node, depth, error, amax, p, logp, q,
+                 entropy, final_r, final_kids, has_kids, draft) -> TreeResult:
+    """The final token (argmax when greedy, the residual draw when the final node's children were all
+    rejected, the bonus draw at a leaf) and the request statistics."""
+    B, V = inp.B, inp.V
+    ar = torch.arange(B, device=inp.logits.device)
     # Final token: argmax (greedy), residual draw (children all rejected) or bonus draw (leaf).
-    g = inp.noise.to(F64)[ar, node] if inp.noise is not None else rng.gumbel_rows(inp.seeds, inp.positions + depth, V)
-    lp = logp[ar, node]  # [B, V]
-    log_r = torch.log(final_r)
-    log_r = torch.where(log_r.amax(-1, keepdim=True) > float("-inf"), log_r, lp)  # all-zero residual: p
-    score = torch.where(has_kids[:, None], log_r, lp) + g
-    token = torch.where(greedy, amax[ar, node], score.argmax(-1))
+    if all_greedy:
+        token = amax[ar, node]
+    else:
+        g = inp.noise.to(F64)[ar, node] if inp.noise is not None else rng.gumbel_rows(inp.seeds, inp.positions + depth, V)
+        lp = logp[ar, node]  # [B, V]
+        log_r = torch.log(final_r)
+        log_r = torch.where(log_r.amax(-1, keepdim=True) > float("-inf"), log_r, lp)  # all-zero residual: p
+        score = torch.where(has_kids[:, None], log_r, lp) + g
+        token = torch.where(greedy, amax[ar, node], score.argmax(-1))
     token = torch.where(error, -1, token)
     emitted[ar[~error], depth[~error]] = token[~error]
+    num_accepted = torch.where(error, 0, depth)
+    if lean:
+        return TreeResult(path, emitted, num_accepted, error, {})
     tok = token.clamp(min=0)
     if q is not None:
         q_tok = q[ar, node, tok]
@@ -204,8 +271,27 @@ def verify_tree_reference(inp: TreeInputs) -> TreeResult:
         "q_emitted": torch.where(has_kids, q_tok, NAN),
     }
     last = {k: torch.where(error, NAN, v) for k, v in last.items()}
-    num_accepted = torch.where(error, 0, depth)
     return TreeResult(path, emitted, num_accepted, error, _f32(draft | last))
+
+
+def _greedy_children(inp: TreeInputs, node, depth, alive, valid, p, amax, q):
+    """_try_children when every request is greedy, all children at once: the accepted child is the first
+    (in index order) whose token is the argmax of the node's row; siblings are distinct tokens, so at
+    most one matches. No residual is needed (the final token is an argmax too): r is None. Same
+    children's token mask and counts as _try_children; p and q are not read."""
+    B, T = inp.tokens.shape
+    V, dev = inp.V, inp.tokens.device
+    ar = torch.arange(B, device=dev)
+    nodes = torch.arange(T, device=dev)
+    kids = alive[:, None] & valid & (nodes[None, :] > 0) & (inp.parents == node[:, None])  # [B, T]
+    match = kids & (inp.tokens == amax[ar, node][:, None])
+    first = torch.where(match, nodes[None, :], T).amin(1)  # [B]
+    chosen = torch.where(first < T, first, -1)
+    tried = kids & (nodes[None, :] <= torch.where(chosen >= 0, chosen, T)[:, None])  # up to the accepted one
+    kid_tok = torch.zeros((B, V), dtype=torch.bool, device=dev)
+    bi, ci = tried.nonzero(as_tuple=True)
+    kid_tok[bi, inp.tokens[bi, ci]] = True
+    return None, kid_tok, chosen, tried.sum(1)
 
 
 def _try_children(inp: TreeInputs, node, depth, alive, valid, p, amax, q):

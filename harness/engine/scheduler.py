@@ -84,7 +84,7 @@ class Scheduler:
         self.encode = encode or (lambda seq: prompt_ids(target.tokenizer, seq.messages))
         self.dev = target.device
         self.clock = clock or PhaseClock(self.dev)
-        self.engine = Engine(target, drafter, temperature, verify_backend, self.clock)
+        self.engine = Engine(target, drafter, temperature, verify_backend, self.clock, stats=new_meter is not None)
         self.buckets = sorted({batch_size} | {2 ** i for i in range(batch_size.bit_length()) if 2 ** i < batch_size})
 
     # -- the run

@@ -59,9 +59,10 @@ class Engine:
     """Runs the step for a drafter over a target whose cache rows the scheduler fills."""
 
     def __init__(self, target, drafter: Drafter, temperature: float, verify_backend: str = "auto",
-                 clock: PhaseClock | None = None):
+                 clock: PhaseClock | None = None, stats: bool = True):
         self.target, self.drafter = target, drafter
         self.temperature, self.verify_backend = temperature, verify_backend
+        self.stats = stats  # the verifier's per-draft statistics are read (by a meter)
         self.clock = clock or PhaseClock(target.device)
 
     @torch.inference_mode()
@@ -81,12 +82,12 @@ class Engine:
                                  hidden_layers=drafter.hidden_layers)  # verify forward
             clock.mark("verify")
             res = verify_tree(fwd.logits, prop, self.temperature, ctx.verify_keys, target.lengths + 1,
-                              self.verify_backend)
+                              self.verify_backend, self.stats)
         else:
             fwd = target.forward(torch.cat([last, prop.tokens], 1), hidden_layers=drafter.hidden_layers)
             clock.mark("verify")
             res = verify_chain(fwd.logits, prop, self.temperature, ctx.verify_keys, target.lengths + 1,
-                               self.verify_backend)
+                               self.verify_backend, self.stats)
         B = last.shape[0]
         sizes = _sizes(prop, B, dev)  # [B, 2]: drafted, depth (device values the record needs)
         host = torch.cat([res.num_accepted[:, None], res.error[:, None].long(), sizes, res.emitted], 1).tolist()  # THE read

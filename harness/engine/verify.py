@@ -29,10 +29,11 @@ def _keys(seeds, B: int, dev) -> torch.Tensor:
 
 
 def verify_chain(logits: torch.Tensor, proposal: Proposal, temperature: float, seeds: torch.Tensor,
-                 positions: torch.Tensor, backend: str = "auto") -> VerifyOutput:
+                 positions: torch.Tensor, backend: str = "auto", stats: bool = True) -> VerifyOutput:
     """logits [B, K+1, V] of the step's forward (row 0 scores draft 1, row K the bonus token);
     seeds [B] int64 row keys; positions [B] sequence position of the first draft (keys the RNG).
-    Reads nothing back to the host when the drafter drafted K for every row or gave num_draft_host."""
+    Reads nothing back to the host when the drafter drafted K for every row or gave num_draft_host.
+    stats=False: no meter reads the per-draft statistics (the CPU reference then skips them at T = 0)."""
     from spec_kernels import verify_chain as kernel
 
     B, K1, V = logits.shape
@@ -55,14 +56,14 @@ def verify_chain(logits: torch.Tensor, proposal: Proposal, temperature: float, s
     cu[1:] = torch.cumsum(counts, 0)
     temp = torch.full((B,), float(temperature), dtype=torch.float32, device=dev)
     res = kernel(rows, cu, draft_ids, q, temp, _keys(seeds, B, dev), positions.to(dev), backend=_backend(backend, dev),
-                 kmax=K)
+                 kmax=K, stats=stats)
     stats = dict(res.stats)
     stats["cu_num_draft"] = cu
     return VerifyOutput(emitted=res.emitted, num_accepted=res.num_accepted, error=res.error, stats=stats)
 
 
 def verify_tree(logits: torch.Tensor, proposal: Proposal, temperature: float, seeds: torch.Tensor,
-                positions: torch.Tensor, backend: str = "auto") -> VerifyOutput:
+                positions: torch.Tensor, backend: str = "auto", stats: bool = True) -> VerifyOutput:
     """logits [B, T, V] at every tree node; proposal.tokens/parents [B, T]; positions [B] of depth 1."""
     from spec_kernels import verify_tree as kernel
 
@@ -71,7 +72,7 @@ def verify_tree(logits: torch.Tensor, proposal: Proposal, temperature: float, se
     temp = torch.full((B,), float(temperature), dtype=torch.float32, device=dev)
     num_nodes = proposal.num_nodes if proposal.num_nodes is not None else torch.full((B,), T, dtype=torch.long)
     res = kernel(logits, proposal.tokens, proposal.parents, num_nodes.to(dev), proposal.q, temp, _keys(seeds, B, dev),
-                 positions.to(dev), backend=_backend(backend, dev), bounds=proposal.bounds)
+                 positions.to(dev), backend=_backend(backend, dev), bounds=proposal.bounds, stats=stats)
     stats = dict(res.stats)
     stats.update(path=res.path, parents=proposal.parents)  # the meter follows the accepted path
     return VerifyOutput(emitted=res.emitted, num_accepted=res.num_accepted, path=res.path, error=res.error,
