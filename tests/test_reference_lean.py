@@ -69,3 +69,48 @@ def test_lean_tree_takes_the_first_matching_sibling():
     lean = verify_tree(*args, backend="torch", stats=False)
     assert full.path.tolist() == [[0, 1, 3]] and full.emitted.tolist() == [[5, 6, 1]]
     assert torch.equal(lean.path, full.path) and torch.equal(lean.emitted, full.emitted)
+
+
+def test_the_meter_reads_deferred_statistics_equal_to_inline_ones():
+    """At T = 0 on the torch reference the engine decides lean and the statistics come later
+    (harness.engine.verify.DeferredStats): the meter's per-step fields equal those of a run whose
+    statistics are computed inline (Triton's behaviour), and the decoded tokens too."""
+    import json
+
+    from conftest import byte_tokenizer, tiny_model
+    from test_engine import prompts
+
+    from harness.drafters.model import ARDraftModel
+    from harness.drafters.ngram import NGram
+    from harness.engine import verify
+    from harness.engine.scheduler import Scheduler
+    from harness.meter.core import build_meter
+    from harness.config import RunConfig
+    from harness.targets import build_target
+
+    target = build_target(tiny_model(), byte_tokenizer(), "tiny", "native", max_len=320)
+    draft = build_target(tiny_model(layers=1, seed=3), byte_tokenizer(), "draft", "native", max_len=320)
+
+    def run(make):
+        got = {}
+        Scheduler(target, make(), name="d", batch_size=2, max_new_tokens=12, k=3, temperature=0.0, seed=0,
+                  eos_ids=set(), catch=False, new_meter=lambda: build_meter(RunConfig(meter=True, k=3), target),
+                  on_finish=lambda p, f, st: got.setdefault(p.prompt_id, (f["output_ids"], st))).run(prompts()[:3])
+        return got
+
+    for make in (NGram, lambda: ARDraftModel(draft, "model")):  # q one-hot, and a q of its own
+        deferred = run(make)
+        real = verify._deferred
+        try:
+            verify._deferred = lambda *a: False  # inline statistics
+            inline = run(make)
+        finally:
+            verify._deferred = real
+        assert deferred.keys() == inline.keys()
+        for pid in deferred:
+            assert deferred[pid][0] == inline[pid][0]
+            a, b = deferred[pid][1], inline[pid][1]
+            assert len(a) == len(b) and all("h_verify" in s for s in a)
+            for sa, sb in zip(a, b):
+                for key in set(sa) - {"t_draft", "t_verify", "t_accept", "t_other"}:
+                    assert json.dumps(sa[key]) == json.dumps(sb[key]), (pid, key)

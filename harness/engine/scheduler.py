@@ -12,7 +12,9 @@ step shapes take a few batch sizes only (few CUDA graphs).
 Timing: a prompt's wall_s runs from joining the batch to leaving it, minus the untimed work done in
 between (chat templating, detokenising, the meter's bookkeeping and writing records), which the
 transformers peers do not do inside their timed `generate` either. The meter's stats are kept on the
-device during the turn and observed when the turn ends, outside the timed region.
+device during the turn and observed when the turn ends, outside the timed region; those the CPU
+reference defers (harness.engine.verify.DeferredStats, temperature 0) are computed right after their
+step, untimed.
 
 Failures: a row whose logits turn NaN/inf, or a step that raises (anything but a user error), fails the
 prompts involved with a one-line reason (`on_fail`); the others go on (after a crash the batch restarts
@@ -34,7 +36,7 @@ import torch
 from harness.drafters.base import DraftContext, Drafter
 from harness import seeds
 from harness.engine.step import Engine
-from harness.engine.verify import verify_chain
+from harness.engine.verify import DeferredStats, verify_chain
 from harness.errors import UserError
 from harness.suites import Prompt
 from harness.targets.chat import prompt_ids
@@ -142,6 +144,10 @@ class Scheduler:
         out = self.engine.step(self.ctx, live, room, self.eos)
         ref = len(self.step_times)
         self.step_times.append(self.clock.take())
+        if isinstance(out.stats, DeferredStats):  # the meter's statistics, outside the timed region
+            t = self._now()
+            out.stats.materialize()
+            self.untimed += self._now() - t
         finished, failed = [], []
         offset = 0
         for b, seq in enumerate(self.rows):

@@ -6,9 +6,18 @@ kernel on CUDA and the float64 torch reference on CPU (`--verify-backend triton|
 Random streams: `seeds` [B] holds one key per row (harness.seeds: run seed, prompt, turn,
 drafter) and `positions` [B] the sequence position of the row's first draft, so the counter-based RNG
 never hands two rows, turns, prompts or steps the same uniforms, and a run is reproducible from its seed.
+
+Statistics for the meter: the Triton kernel computes them fused into verification. The torch reference
+computes them in float64 over the whole vocabulary, which on a CPU costs about as much as a verify forward
+of a few tokens; at temperature 0 it therefore decides with argmax comparisons only inside the step and
+hands back `DeferredStats`, which runs the full reference on the same inputs when materialised: the
+scheduler does that right after the step, outside the timed region (so at most one step's inputs are
+kept). The full reference decides exactly as the lean path (tests/test_reference_lean.py).
 """
 
 from __future__ import annotations
+
+from collections.abc import MutableMapping
 
 import torch
 
@@ -19,6 +28,42 @@ def _backend(name: str, device: torch.device) -> str:
     if name == "auto":
         return "triton" if device.type == "cuda" else "torch"
     return name
+
+
+class DeferredStats(MutableMapping):
+    """The verifier's statistics, computed by `compute()` when first read; keys set before that (the
+    meter's cu_num_draft, path, parents) are kept beside them."""
+
+    def __init__(self, compute):
+        self._compute, self._stats, self._extra = compute, None, {}
+
+    def materialize(self) -> None:
+        """Computes the statistics now (and drops the kept inputs)."""
+        if self._stats is None:
+            self._stats, self._compute = dict(self._compute()), None
+
+    def _all(self) -> dict:
+        self.materialize()
+        return {**self._stats, **self._extra}
+
+    def __getitem__(self, key):
+        return self._extra[key] if key in self._extra else self._all()[key]
+
+    def __setitem__(self, key, value):
+        self._extra[key] = value
+
+    def __delitem__(self, key):
+        raise TypeError("verifier statistics are read-only")
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __len__(self):
+        return len(self._all())
+
+
+def _deferred(temperature: float, backend: str, stats: bool) -> bool:
+    return stats and temperature == 0 and backend == "torch"
 
 
 def _keys(seeds, B: int, dev) -> torch.Tensor:
@@ -55,9 +100,14 @@ def verify_chain(logits: torch.Tensor, proposal: Proposal, temperature: float, s
     cu = torch.zeros(B + 1, dtype=torch.long, device=dev)
     cu[1:] = torch.cumsum(counts, 0)
     temp = torch.full((B,), float(temperature), dtype=torch.float32, device=dev)
-    res = kernel(rows, cu, draft_ids, q, temp, _keys(seeds, B, dev), positions.to(dev), backend=_backend(backend, dev),
-                 kmax=K, stats=stats)
-    stats = dict(res.stats)
+    backend, keys, positions = _backend(backend, dev), _keys(seeds, B, dev), positions.to(dev)
+    defer = _deferred(temperature, backend, stats)
+    res = kernel(rows, cu, draft_ids, q, temp, keys, positions, backend=backend, kmax=K, stats=stats and not defer)
+    if defer:  # the inputs are kept (logits copied: a later forward may reuse their buffer)
+        saved = (rows.clone(), cu, draft_ids, None if q is None else q.clone(), temp, keys, positions)
+        stats = DeferredStats(lambda: kernel(*saved, backend="torch", kmax=K).stats)
+    else:
+        stats = dict(res.stats)
     stats["cu_num_draft"] = cu
     return VerifyOutput(emitted=res.emitted, num_accepted=res.num_accepted, error=res.error, stats=stats)
 
@@ -71,9 +121,15 @@ def verify_tree(logits: torch.Tensor, proposal: Proposal, temperature: float, se
     dev = logits.device
     temp = torch.full((B,), float(temperature), dtype=torch.float32, device=dev)
     num_nodes = proposal.num_nodes if proposal.num_nodes is not None else torch.full((B,), T, dtype=torch.long)
-    res = kernel(logits, proposal.tokens, proposal.parents, num_nodes.to(dev), proposal.q, temp, _keys(seeds, B, dev),
-                 positions.to(dev), backend=_backend(backend, dev), bounds=proposal.bounds, stats=stats)
-    stats = dict(res.stats)
+    backend, args = _backend(backend, dev), (logits, proposal.tokens, proposal.parents, num_nodes.to(dev), proposal.q,
+                                             temp, _keys(seeds, B, dev), positions.to(dev))
+    defer = _deferred(temperature, backend, stats)
+    res = kernel(*args, backend=backend, bounds=proposal.bounds, stats=stats and not defer)
+    if defer:
+        saved = tuple(a.clone() if torch.is_tensor(a) else a for a in args)
+        stats = DeferredStats(lambda: kernel(*saved, backend="torch", bounds=proposal.bounds).stats)
+    else:
+        stats = dict(res.stats)
     stats.update(path=res.path, parents=proposal.parents)  # the meter follows the accepted path
     return VerifyOutput(emitted=res.emitted, num_accepted=res.num_accepted, path=res.path, error=res.error,
                         stats=stats)
