@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import weakref
@@ -38,7 +39,6 @@ from harness.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().parents[1] / "peers" / "vllm_worker.py"
-HEADS = Path(__file__).resolve().parents[1] / "heads"
 SETUP = "bash scripts/setup_vllm.sh"
 
 VLLM_DRAFTERS = {
@@ -64,8 +64,41 @@ def vllm_python() -> Path:
     return py
 
 
-def default_head(target_name: str) -> Path:
-    return HEADS / f"{target_name}-eagle3-vllm"
+def exported_head(target_name: str) -> Path:
+    """The eagle3 head shipped for this target (harness/heads/<target>-eagle3) in vLLM's EAGLE-3 layout:
+    written by export_head (fp32, an exact copy of the bf16 weights) into the cache once, in a folder named
+    by a digest of the shipped files, so a retrained head gets a fresh copy."""
+    import hashlib
+
+    import torch
+
+    from harness.drafters.heads import shipped_head
+    from harness.drafters.interop import export_head
+    from harness.targets.loading import cache_root
+
+    src = shipped_head(target_name, "eagle3")
+    if src is None:
+        raise UserError(f"no eagle3 head ships for target '{target_name}': pass --vllm-head DIR (a folder "
+                        "`spec-harness export-head` wrote)")
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        digest.update((src / name).read_bytes())
+    out = cache_root() / "vllm-heads" / f"{target_name}-eagle3-{digest.hexdigest()[:16]}"
+    if not (out / "config.json").is_file():
+        tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+        export_head(src, tmp, dtype=torch.float32)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process wrote it first: theirs is the same export
+            shutil.rmtree(tmp)
+    return out
+
+
+def head_for(target_name: str, extra: dict) -> Path:
+    """vllm-eagle3's head: --vllm-head DIR when given, else the shipped one exported (exported_head)."""
+    path = Path(extra["vllm_head"]) if extra.get("vllm_head") else exported_head(target_name)
+    check_head(path)
+    return path.resolve()
 
 
 def speculative_config(name: str, k: int, draft_folder: str | None = None, head: str | None = None) -> dict | None:
@@ -264,9 +297,7 @@ def build_vllm_peer(name: str, target, cfg) -> VLLMPeer:
             raise UserError("vllm-draft needs --draft-model (a preset, model folder or .gguf)")
         draft_folder = resolve_source(cfg.draft_model)[1]
     if name == "vllm-eagle3":
-        head_path = Path(extra.get("vllm_head") or default_head(target.name))
-        check_head(head_path)
-        head = str(head_path.resolve())
+        head = str(head_for(target.name, extra))
     import torch
 
     dtype = str(target.dtype).replace("torch.", "")
@@ -277,5 +308,6 @@ def build_vllm_peer(name: str, target, cfg) -> VLLMPeer:
                     compile=not extra.get("vllm_eager", False))
 
 
-__all__ = ["VLLM_DRAFTERS", "VLLMPeer", "build_vllm_peer", "is_vllm", "speculative_config", "step_records",
+__all__ = ["VLLM_DRAFTERS", "VLLMPeer", "build_vllm_peer", "exported_head", "head_for", "is_vllm",
+           "speculative_config", "step_records",
            "tau_from_counters", "vllm_python"]
