@@ -4,7 +4,9 @@ that the harness starts once per drafter and feeds token ids over JSON lines.
 
 Same prompts as our loop: our tokenizer applies the chat template and vLLM receives the token ids; the
 same max tokens, temperature (greedy at 0) and stop ids; the same weights (the transformers folder our
-target loads, fp32 on CPU). vLLM drafts with K = --k tokens.
+target loads, fp32 on CPU). vLLM drafts with K = --k tokens. vllm-eagle3's head is --vllm-head DIR, else the
+eagle3 head shipped for the target, exported into the cache once (`exported_head`); vllm-draft's draft model
+is --draft-model (`spec-harness subset-model` writes one from the target, harness.targets.subset).
 
 Records. vLLM reports, per request, the accepted and drafted counts of every verify step that had drafts
 (per_request_spec_decode_metrics="detailed"); the worker's step loop counts the target forwards that
@@ -44,8 +46,8 @@ SETUP = "bash scripts/setup_vllm.sh"
 VLLM_DRAFTERS = {
     "vllm": "peer: vLLM plain decoding (vLLM's own venv: scripts/setup_vllm.sh)",
     "vllm-ngram": "peer: vLLM n-gram speculation (K = --k, prompt lookup n = 1..4)",
-    "vllm-draft": "peer: vLLM with a draft model (--draft-model)",
-    "vllm-eagle3": "peer: vLLM EAGLE-3 with a head in vLLM's layout (--vllm-head, default the shipped one)",
+    "vllm-draft": "peer: vLLM with a draft model (--draft-model; `spec-harness subset-model` writes one)",
+    "vllm-eagle3": "peer: vLLM EAGLE-3 with a head in vLLM's layout (--vllm-head, default the shipped one, exported)",
 }
 NGRAM_MAX, NGRAM_MIN = 4, 1  # vLLM's prompt_lookup_max / _min
 
@@ -294,7 +296,8 @@ def build_vllm_peer(name: str, target, cfg) -> VLLMPeer:
     draft_folder = head = None
     if name == "vllm-draft":
         if not cfg.draft_model:
-            raise UserError("vllm-draft needs --draft-model (a preset, model folder or .gguf)")
+            raise UserError("vllm-draft needs --draft-model (a preset, model folder or .gguf; `spec-harness "
+                            "subset-model --skip-layers 14-29 --out DIR` writes one from the target)")
         draft_folder = resolve_source(cfg.draft_model)[1]
     if name == "vllm-eagle3":
         head = str(head_for(target.name, extra))
