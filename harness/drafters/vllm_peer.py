@@ -69,22 +69,24 @@ def vllm_python() -> Path:
 def exported_head(target_name: str) -> Path:
     """The eagle3 head shipped for this target (harness/heads/<target>-eagle3) in vLLM's EAGLE-3 layout:
     written by export_head (fp32, an exact copy of the bf16 weights) into the cache once, in a folder named
-    by a digest of the shipped files, so a retrained head gets a fresh copy."""
+    by a digest of the shipped files and of the config it writes, so a retrained head or a changed export
+    gets a fresh copy."""
     import hashlib
 
     import torch
 
-    from harness.drafters.heads import shipped_head
-    from harness.drafters.interop import export_head
+    from harness.drafters.heads import read_config, shipped_head
+    from harness.drafters.interop import eagle3_config, export_head
     from harness.targets.loading import cache_root
 
     src = shipped_head(target_name, "eagle3")
     if src is None:
         raise UserError(f"no eagle3 head ships for target '{target_name}': pass --vllm-head DIR (a folder "
                         "`spec-harness export-head` wrote)")
-    digest = hashlib.sha256()
+    digest = hashlib.sha256()  # the shipped files and the config export_head writes for them
     for name in ("config.json", "model.safetensors"):
         digest.update((src / name).read_bytes())
+    digest.update(json.dumps(eagle3_config(read_config(src), torch.float32), sort_keys=True).encode())
     out = cache_root() / "vllm-heads" / f"{target_name}-eagle3-{digest.hexdigest()[:16]}"
     if not (out / "config.json").is_file():
         tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
