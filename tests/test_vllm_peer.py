@@ -291,7 +291,7 @@ def test_vllm_eagle3_drafts_with_the_shipped_head_as_we_do(vllm_run):
     assert sum(p["vllm_counters"]["num_draft_tokens"] for p in recs) >= K  # it drafted with the head
     ours, theirs = _accepted(prompts, "eagle3"), _accepted(prompts, "vllm-eagle3")
     assert ours > 0 and theirs > 0  # a trained head gets drafts accepted
-    assert 0.8 * ours <= theirs <= 1.25 * ours, (ours, theirs)
+    assert abs(theirs - ours) <= max(2, 0.2 * ours), (ours, theirs)  # same head, same outputs: numerics only
     plain = [p for p in prompts if p["drafter"] == "vllm"]
     assert all(p["vllm_counters"]["num_drafts"] == 0 for p in plain)
     row = summary[(summary["drafter"] == "vllm-eagle3") & (summary["category"] == "all")].iloc[0]
