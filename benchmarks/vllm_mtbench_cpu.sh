@@ -10,6 +10,10 @@
 # model is SmolLM2's first 14 of 30 layers with its own norm and LM head (spec-harness subset-model): the
 # only draft model with SmolLM2's vocabulary to be had offline, untrained, so it accepts little; it is
 # here to show vLLM's draft_model method running lossless beside the rest, not what a trained draft gives.
+#
+# Time: a trial on the shared 2-core machine (load average 4-5) took 14.6 minutes, of which about 6.5 were
+# the four vLLM starts (70-117 s each: every configuration compiled, none was in ~/.cache/vllm yet) and 6.5
+# the decoding; later starts load the compiled models from that cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
