@@ -13,7 +13,7 @@
 #
 # Time: a trial on the shared 2-core machine (load average 4-5) took 14.6 minutes, of which about 6.5 were
 # the four vLLM starts (70-117 s each: every configuration compiled, none was in ~/.cache/vllm yet) and 6.5
-# the decoding; later starts load the compiled models from that cache.
+# the decoding. vLLM saves the compiled models under ~/.cache/vllm for later starts (a warm rerun not timed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
