@@ -15,7 +15,7 @@ COMMANDS = (
     "harness.run_cli",
     "harness.reports.summary", "harness.reports.report", "harness.reports.specbench", "harness.calibrate", "harness.profile",
     "harness.selfspec_search",
-    "harness.training.train_head", "harness.drafters.interop", "harness.meter.ngram_base", "harness.meter.surplus", "harness.meter.probe",
+    "harness.training.train_head", "harness.drafters.interop", "harness.targets.subset", "harness.meter.ngram_base", "harness.meter.surplus", "harness.meter.probe",
 )
 
 

@@ -4,7 +4,9 @@ that the harness starts once per drafter and feeds token ids over JSON lines.
 
 Same prompts as our loop: our tokenizer applies the chat template and vLLM receives the token ids; the
 same max tokens, temperature (greedy at 0) and stop ids; the same weights (the transformers folder our
-target loads, fp32 on CPU). vLLM drafts with K = --k tokens.
+target loads, fp32 on CPU). vLLM drafts with K = --k tokens. vllm-eagle3's head is --vllm-head DIR, else the
+eagle3 head shipped for the target, exported into the cache once (`exported_head`); vllm-draft's draft model
+is --draft-model (`spec-harness subset-model` writes one from the target, harness.targets.subset).
 
 Records. vLLM reports, per request, the accepted and drafted counts of every verify step that had drafts
 (per_request_spec_decode_metrics="detailed"); the worker's step loop counts the target forwards that
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import weakref
@@ -38,14 +41,13 @@ from harness.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().parents[1] / "peers" / "vllm_worker.py"
-HEADS = Path(__file__).resolve().parents[1] / "heads"
 SETUP = "bash scripts/setup_vllm.sh"
 
 VLLM_DRAFTERS = {
     "vllm": "peer: vLLM plain decoding (vLLM's own venv: scripts/setup_vllm.sh)",
     "vllm-ngram": "peer: vLLM n-gram speculation (K = --k, prompt lookup n = 1..4)",
-    "vllm-draft": "peer: vLLM with a draft model (--draft-model)",
-    "vllm-eagle3": "peer: vLLM EAGLE-3 with a head in vLLM's layout (--vllm-head, default the shipped one)",
+    "vllm-draft": "peer: vLLM with a draft model (--draft-model; `spec-harness subset-model` writes one)",
+    "vllm-eagle3": "peer: vLLM EAGLE-3 with a head in vLLM's layout (--vllm-head, default the shipped one, exported)",
 }
 NGRAM_MAX, NGRAM_MIN = 4, 1  # vLLM's prompt_lookup_max / _min
 
@@ -64,8 +66,43 @@ def vllm_python() -> Path:
     return py
 
 
-def default_head(target_name: str) -> Path:
-    return HEADS / f"{target_name}-eagle3-vllm"
+def exported_head(target_name: str) -> Path:
+    """The eagle3 head shipped for this target (harness/heads/<target>-eagle3) in vLLM's EAGLE-3 layout:
+    written by export_head (fp32, an exact copy of the bf16 weights) into the cache once, in a folder named
+    by a digest of the shipped files and of the config it writes, so a retrained head or a changed export
+    gets a fresh copy."""
+    import hashlib
+
+    import torch
+
+    from harness.drafters.heads import read_config, shipped_head
+    from harness.drafters.interop import eagle3_config, export_head
+    from harness.targets.loading import cache_root
+
+    src = shipped_head(target_name, "eagle3")
+    if src is None:
+        raise UserError(f"no eagle3 head ships for target '{target_name}': pass --vllm-head DIR (a folder "
+                        "`spec-harness export-head` wrote)")
+    digest = hashlib.sha256()  # the shipped files and the config export_head writes for them
+    for name in ("config.json", "model.safetensors"):
+        digest.update((src / name).read_bytes())
+    digest.update(json.dumps(eagle3_config(read_config(src), torch.float32), sort_keys=True).encode())
+    out = cache_root() / "vllm-heads" / f"{target_name}-eagle3-{digest.hexdigest()[:16]}"
+    if not (out / "config.json").is_file():
+        tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+        export_head(src, tmp, dtype=torch.float32)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process wrote it first: theirs is the same export
+            shutil.rmtree(tmp)
+    return out
+
+
+def head_for(target_name: str, extra: dict) -> Path:
+    """vllm-eagle3's head: --vllm-head DIR when given, else the shipped one exported (exported_head)."""
+    path = Path(extra["vllm_head"]) if extra.get("vllm_head") else exported_head(target_name)
+    check_head(path)
+    return path.resolve()
 
 
 def speculative_config(name: str, k: int, draft_folder: str | None = None, head: str | None = None) -> dict | None:
@@ -261,12 +298,11 @@ def build_vllm_peer(name: str, target, cfg) -> VLLMPeer:
     draft_folder = head = None
     if name == "vllm-draft":
         if not cfg.draft_model:
-            raise UserError("vllm-draft needs --draft-model (a preset, model folder or .gguf)")
+            raise UserError("vllm-draft needs --draft-model (a preset, model folder or .gguf; `spec-harness "
+                            "subset-model --skip-layers 14-29 --out DIR` writes one from the target)")
         draft_folder = resolve_source(cfg.draft_model)[1]
     if name == "vllm-eagle3":
-        head_path = Path(extra.get("vllm_head") or default_head(target.name))
-        check_head(head_path)
-        head = str(head_path.resolve())
+        head = str(head_for(target.name, extra))
     import torch
 
     dtype = str(target.dtype).replace("torch.", "")
@@ -277,5 +313,6 @@ def build_vllm_peer(name: str, target, cfg) -> VLLMPeer:
                     compile=not extra.get("vllm_eager", False))
 
 
-__all__ = ["VLLM_DRAFTERS", "VLLMPeer", "build_vllm_peer", "is_vllm", "speculative_config", "step_records",
+__all__ = ["VLLM_DRAFTERS", "VLLMPeer", "build_vllm_peer", "exported_head", "head_for", "is_vllm",
+           "speculative_config", "step_records",
            "tau_from_counters", "vllm_python"]
