@@ -47,7 +47,7 @@ def register(sub) -> None:
     p.add_argument("--skip-layers", default=None,
                    help="selfspec: auto (search on the calibration prompts), a search.json, or e.g. 8,9,10")
     p.add_argument("--suffix-max-nodes", type=int, default=None, help="suffix: draft nodes per step (default 10)")
-    p.add_argument("--suffix-alpha", type=float, default=None, help="suffix: nodes per matched token (default 2)")
+    p.add_argument("--suffix-alpha", type=float, default=None, help="suffix: nodes per matched token (default 4)")
     p.add_argument("--suffix-corpus", default=None, help="suffix: .txt/.jsonl text added to the global trie")
     p.add_argument("--draft-model", default=None)
     p.add_argument("--head", default=None, help="EAGLE head folder")
