@@ -1,7 +1,7 @@
 """The prompt files for tuning the suffix drafter and the shipped corpus of SmolLM2's own answers.
 
-    python benchmarks/suffix_corpus.py prompts --out /tmp/sfx     # tune.jsonl (mini 3-6), corpus.jsonl (7-10 + calibration)
-    python benchmarks/suffix_corpus.py corpus RUN [RUN ...]       # ar's answers -> harness/suites/suffix_corpus_smollm2.jsonl
+    python benchmarks/suffix_corpus.py prompts --out DIR   # tune.jsonl (mini 3-6), corpus.jsonl (7-10, calibration)
+    python benchmarks/suffix_corpus.py corpus RUN [RUN ...]  # ar's answers -> harness/suites/suffix_corpus_smollm2.jsonl
 
 No prompt of either file is one the bench presets measure (mini prompts 1-2 of each category).
 """

@@ -4,13 +4,17 @@ accepted drafts at T = 0), each step costed at the measured verify forward of it
 set of `ar` answers (again disjoint) warms the global trie as a corpus. Prints the predicted speedup over
 ar per category for each variant, best last.
 
-    # tuning answers (mini prompts 3-6 of each category) and corpus answers (7-10, calibration)
-    python -m harness run --prompts <3-6>.jsonl --drafters ar --meter off --max-new-tokens 64 --run-id tune-ar
-    python -m harness run --prompts <7-10+calibration>.jsonl --drafters ar --meter off --max-new-tokens 64 \
-        --run-id corpus-ar
-    python benchmarks/tune_suffix.py results/tune-ar --corpus-run results/corpus-ar
+    python benchmarks/suffix_corpus.py prompts --out /tmp/sfx  # mini prompts 3-6 of each category; 7-10 + calibration
+    python -m harness run --prompts /tmp/sfx/tune.jsonl --drafters ar --meter off --max-new-tokens 64 --k 5 \
+        --out /tmp/sfx --run-id heldout-ar
+    python -m harness run --prompts /tmp/sfx/corpus.jsonl --drafters ar --meter off --max-new-tokens 64 --k 5 \
+        --out /tmp/sfx --run-id corpus-ar
+    python benchmarks/tune_suffix.py /tmp/sfx/heldout-ar --corpus-run /tmp/sfx/corpus-ar
+    python benchmarks/suffix_corpus.py corpus /tmp/sfx/heldout-ar /tmp/sfx/corpus-ar  # the shipped corpus
 
-benchmarks/suffix_corpus.py writes those prompt files and the shipped corpus.
+(run from the repository root with PYTHONPATH=.:benchmarks). The shipped defaults: verify_overhead 0.6,
+verify_per_node 0.07, prior 2, alpha 4, max_nodes 10, among the best on the tuning answers (2026-12-02, load
+average 5 on 2 cores; neighbours within 0.02x of each other).
 """
 
 from __future__ import annotations
@@ -61,7 +65,8 @@ def main() -> None:
         sc = SuffixConfig(**dict(zip(keys, values)))
         for name, docs in (("", []), ("+corpus", corpus)) if corpus else (("", []),):
             label = " ".join(f"{k}={v}" for k, v in zip(keys, values)) + name
-            rows.append(dict(variant=label, **predicted(replay_steps(convs, lambda: SuffixDrafter(sc, docs), cfg["k"]), tf)))
+            stats = replay_steps(convs, lambda: SuffixDrafter(sc, docs), cfg["k"])
+            rows.append(dict(variant=label, **predicted(stats, tf)))
     rows.sort(key=lambda r: r["all"])
     cats = [c for c in rows[0] if c != "variant"]
     for r in rows[-25:]:

@@ -107,7 +107,8 @@ def test_search_picks_the_identity_layers_and_simulation_equals_decoding():
     result = search(target, cfg, prompts=prompts, timings=timings, measure=False)
     table = result["table"]
     assert result["skip"] == result["predicted_skip"] == list(IDENTITY) and result["chosen_by"] == "predicted_tok_s"
-    assert [r["skip"] for r in table if r["chosen"]] == [r["skip"] for r in table if r["predicted_best"]] == [list(IDENTITY)]
+    chosen = [r["skip"] for r in table if r["chosen"]]
+    assert chosen == [r["skip"] for r in table if r["predicted_best"]] == [list(IDENTITY)]
     assert max(r["predicted_tok_s"] for r in table) == next(r for r in table if r["chosen"])["predicted_tok_s"]
     result = search(target, cfg, prompts=prompts, timings=timings)  # now decoded and timed
     table = result["table"]

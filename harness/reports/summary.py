@@ -397,10 +397,11 @@ def selfspec_note(run_dir: Path) -> str | None:
         return f"selfspec skipped layers {skip} (given by --skip-layers)."
     chosen = next((r for r in search["table"] if r.get("chosen")), {})
     by = search.get("chosen_by", "predicted_tok_s").replace("_tok_s", " tok/s")
+    nan = float("nan")
     return (f"selfspec skipped layers {skip} at K = {info.get('searched_k')}, chosen by the search on the calibration "
             f"prompts as the best {by} of {len(search['table'])} candidates (measured "
-            f"{chosen.get('measured_tok_s', float('nan')):.1f} tok/s, predicted {chosen.get('predicted_tok_s', float('nan')):.1f}; "
-            f"ar {search.get('ar_tok_s', float('nan')):.1f} tok/s there).")
+            f"{chosen.get('measured_tok_s', nan):.1f} tok/s, predicted {chosen.get('predicted_tok_s', nan):.1f}; "
+            f"ar {search.get('ar_tok_s', nan):.1f} tok/s there).")
 
 
 def failed_prompts(run_dir: Path) -> list[dict]:
