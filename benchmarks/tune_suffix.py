@@ -13,8 +13,8 @@ ar per category for each variant, best last.
     python benchmarks/suffix_corpus.py corpus /tmp/sfx/heldout-ar /tmp/sfx/corpus-ar  # the shipped corpus
 
 (run from the repository root with PYTHONPATH=.:benchmarks). The shipped defaults: verify_overhead 0.6,
-verify_per_node 0.07, prior 2, alpha 4, max_nodes 10, among the best on the tuning answers (2026-12-02, load
-average 5 on 2 cores; neighbours within 0.02x of each other).
+verify_per_node 0.07, prior 2, global_prior 4, alpha 4, max_nodes 10, among the best on the tuning
+answers (2026-12-02, load average 5 on 2 cores; neighbours within 0.02x of each other).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from harness.drafters.suffix import SuffixConfig, SuffixDrafter
 from harness.targets import load_target
 
 GRID = dict(verify_overhead=(0.0, 0.25, 0.4, 0.6), verify_per_node=(0.04, 0.07, 0.1), prior=(1.0, 2.0),
-            alpha=(2.0, 4.0), max_nodes=(10, 16))
+            global_prior=(2.0, 4.0), alpha=(2.0, 4.0), max_nodes=(10, 16))
 
 
 def predicted(stats: dict, tf: dict[int, float]) -> dict[str, float]:

@@ -274,3 +274,14 @@ def test_shipped_corpus_holds_no_bench_prompt():
     assert all(p.get("per_category", 99) <= 2 for p in PRESETS.values() if p.get("suffix_corpus") == "smollm2")
     docs = read_corpus("smollm2", byte_tokenizer())
     assert len(docs) == len(ids) and all(docs)
+
+
+def test_global_structure_has_its_own_prior():
+    """global_prior discounts global matches only: a huge one silences the global trie and leaves the
+    local one as it was."""
+    corpus = [[40, 41, 42, 43, 44, 45]]
+    base = dict(FREE, prior=0.0, min_prob=0.1, alpha=4.0)
+    assert SuffixDrafter(SuffixConfig(**base, global_prior=0.0), corpus).tree_for([7, 8, 40, 41])[3] == "global"
+    assert SuffixDrafter(SuffixConfig(**base, global_prior=1e6), corpus).tree_for([7, 8, 40, 41])[3] == "none"
+    local = [40, 41, 42, 43, 9, 40, 41]
+    assert SuffixDrafter(SuffixConfig(**base, global_prior=1e6), corpus).tree_for(local)[:1] == ([42, 43, 9, 40, 41],)

@@ -17,8 +17,9 @@ a node's score is the product along its path, the chance that the whole path is 
 short match are overconfident (one earlier "the" says little about what follows this "the"), so each
 factor is also weighted by m / (m + prior), m = the tokens of context it rests on. Replaying SmolLM2's
 greedy answers to prompts no bench run uses, this is close to the measured acceptance of the best child:
-about 0.2 for a one-token local match, 0.5-0.6 for two, 0.7-0.9 from four on; global matches of one or
-two tokens are right far less often (5-30%) and score lower through their flatter counts.
+about 0.2 for a one-token local match, 0.5-0.6 for two, 0.7-0.9 from four on. Global matches of one or
+two tokens are right far less often (5-30%, where counts and prior 2 say 20-45%), so the global structure
+has its own, larger prior (global_prior).
 
 Tree size: nodes are taken best-first (every kept node's ancestors are kept), at most
 min(max_nodes, ceil(alpha * match length)) of them (SuffixDecoding's adaptive max_spec) and none scoring
@@ -69,6 +70,7 @@ class SuffixConfig:
     alpha: float = 4.0  # node budget per matched token (SuffixDecoding's max_spec = alpha * match length)
     min_prob: float = 0.1  # drop nodes whose path score is below this
     prior: float = 2.0  # match-length confidence m / (m + prior) on each step's counts (0: pure counts)
+    global_prior: float = 4.0  # the same for the global structure (its short matches are right less often)
     verify_overhead: float = 0.6  # verifying 1 + n tokens costs 1 + verify_overhead + verify_per_node * n
     verify_per_node: float = 0.07  # ... one-token forwards (CPU; set both to 0 on a GPU: whole trees)
 
@@ -186,7 +188,7 @@ class SuffixDrafter(Drafter):
         self.cfg = cfg or SuffixConfig()
         c = self.cfg
         if c.max_match < 1 or c.max_depth < 1 or c.max_nodes < 1 or c.alpha <= 0 or not 0 <= c.min_prob < 1 \
-                or c.prior < 0 or c.verify_overhead < 0 or c.verify_per_node < 0:
+                or c.prior < 0 or c.global_prior < 0 or c.verify_overhead < 0 or c.verify_per_node < 0:
             raise UserError("suffix drafter: --suffix-max-nodes must be >= 1 and --suffix-alpha > 0")
         self.depth_cap = c.max_match + c.max_depth  # the trie must hold the pattern and what follows it
         self.global_trie = SuffixTrie(self.depth_cap)
@@ -250,12 +252,12 @@ class SuffixDrafter(Drafter):
         c = self.cfg
         local = row.trie if row is not None else self._new_row(context).trie
         best, best_gain, source = ([], [], []), 1.0, "none"
-        for name, trie in (("local", local), ("global", self.global_trie)):
+        for name, trie, prior in (("local", local, c.prior), ("global", self.global_trie, c.global_prior)):
             node, m = trie.match(context, c.max_match)
             if m == 0:
                 continue
             budget = min(c.max_nodes, max(1, math.ceil(c.alpha * m)))
-            toks, pars, deps, scores = trie.expand(node, budget, c.min_prob, c.max_depth, m, c.prior)
+            toks, pars, deps, scores = trie.expand(node, budget, c.min_prob, c.max_depth, m, prior)
             n, gain = self.best_prefix(scores)
             if gain > best_gain:
                 best, best_gain, source = (toks[:n], pars[:n], deps[:n]), gain, name
