@@ -95,7 +95,8 @@ def test_expand_is_best_first_with_counts_and_respects_budget_and_min_prob():
 
 
 def test_tree_size_adapts_to_the_match_length():
-    cfg = SuffixConfig(max_match=8, max_depth=12, max_nodes=50, alpha=1.0, min_prob=0.0, prior=0.0, **FREE)
+    cfg = SuffixConfig(max_match=8, max_depth=12, max_nodes=50, alpha=1.0, min_prob=0.0, prior=0.0, global_prior=0.0,
+                       **FREE)
     d = SuffixDrafter(cfg)
     body = list(range(10, 30))
     short_ctx = body + [99, 10]  # "10" matched: 1 token
@@ -110,7 +111,7 @@ def ctx_of(histories):
 
 
 def test_global_trie_learns_finished_outputs_and_wins_when_it_matches_better():
-    cfg = SuffixConfig(**FREE, prior=0.0)
+    cfg = SuffixConfig(**FREE, prior=0.0, global_prior=0.0)
     d = SuffixDrafter(cfg)
     answer = [40, 41, 42, 43, 44, 45]
     ctx = ctx_of([[1, 2, 3] + answer])  # a prompt of 3 tokens plus its answer (the first token emitted at begin)
@@ -124,7 +125,7 @@ def test_global_trie_learns_finished_outputs_and_wins_when_it_matches_better():
 
 
 def test_rows_join_leave_and_batch_proposals_equal_one_row_proposals():
-    cfg = SuffixConfig(**FREE, prior=0.0)
+    cfg = SuffixConfig(**FREE, prior=0.0, global_prior=0.0)
     hists = [PROMPTS[0], PROMPTS[2], [1, 2, 3, 1, 2], PROMPTS[1][:8] + PROMPTS[1][:3]]
     batch = SuffixDrafter(cfg)
     batch.begin(ctx_of(hists))
@@ -158,7 +159,7 @@ def test_rows_join_leave_and_batch_proposals_equal_one_row_proposals():
 def test_greedy_outputs_equal_ar(backend):
     """Several prompts through one drafter (so the global trie is in use too), default and eager settings."""
     target = build_target(tiny_model(), None, "tiny", backend, max_len=256)
-    for cfg in (SuffixConfig(), SuffixConfig(**FREE, prior=0.0, alpha=4.0, max_nodes=16)):
+    for cfg in (SuffixConfig(), SuffixConfig(**FREE, prior=0.0, global_prior=0.0, alpha=4.0, max_nodes=16)):
         drafter = SuffixDrafter(cfg)
         accepted = 0
         for prompt in PROMPTS + PROMPTS:
@@ -187,7 +188,7 @@ def test_sampling_keeps_the_target_distribution():
         p = torch.softmax(model(ids).logits.double() / T, -1)  # [V*V, 10, V]
         L = len(prompt)
         joint = (p[:, L - 1].gather(1, grid[:, :1]) * p[:, L].gather(1, grid[:, 1:]))[:, :, None] * p[:, L + 1][:, None]
-    drafter = SuffixDrafter(SuffixConfig(**FREE, prior=0.0, min_prob=0.0, alpha=4.0, max_nodes=6))
+    drafter = SuffixDrafter(SuffixConfig(**FREE, prior=0.0, global_prior=0.0, min_prob=0.0, alpha=4.0, max_nodes=6))
     siblings = 0
     original = drafter.propose
 
@@ -227,7 +228,7 @@ def test_corpus_file_fills_the_global_trie_and_bad_lines_are_refused(tmp_path):
     path.write_text('{"text": "the quick brown fox"}\n"jumps over"\n')
     corpus = read_corpus(str(path), tok)
     assert corpus == [tok("the quick brown fox")["input_ids"], tok("jumps over")["input_ids"]]
-    d = SuffixDrafter(SuffixConfig(**FREE, prior=0.0), corpus)
+    d = SuffixDrafter(SuffixConfig(**FREE, prior=0.0, global_prior=0.0), corpus)
     ctx = tok("a quick b")["input_ids"]
     toks, _, _, source = d.tree_for(ctx)
     assert source == "global" and toks[:3] == tok("row")["input_ids"]  # " b" -> "rown fox"
@@ -251,7 +252,7 @@ def test_tree_is_the_prefix_with_most_expected_tokens_per_verify_cost():
     weak = body + [99, 10]  # one matched token: low confidence
     strong = body + [99] + body[:6]  # six matched tokens
     assert d.tree_for(weak)[3] == "none" and d.tree_for(weak)[0] == []
-    assert SuffixDrafter(SuffixConfig(**FREE, prior=0.0, alpha=4.0)).tree_for(weak)[0] == body[1:5]
+    assert SuffixDrafter(SuffixConfig(**FREE, prior=0.0, global_prior=0.0, alpha=4.0)).tree_for(weak)[0] == body[1:5]
     toks, pars, deps, source = d.tree_for(strong)
     assert source == "local" and toks == body[6:6 + len(toks)] and len(toks) >= 4  # a confident chain, deep
 
