@@ -286,3 +286,18 @@ def test_global_structure_has_its_own_prior():
     assert SuffixDrafter(SuffixConfig(**base, global_prior=1e6), corpus).tree_for([7, 8, 40, 41])[3] == "none"
     local = [40, 41, 42, 43, 9, 40, 41]
     assert SuffixDrafter(SuffixConfig(**base, global_prior=1e6), corpus).tree_for(local)[:1] == ([42, 43, 9, 40, 41],)
+
+
+def test_verify_cost_flag_sets_the_cost_model_and_bad_values_are_refused():
+    from harness.config import RunConfig
+    from harness.drafters import build_drafter
+    from harness.errors import UserError
+
+    target = build_target(tiny_model(), None, "tiny", "native", max_len=64)
+    d = build_drafter("suffix", target, RunConfig(suffix_verify_cost="0,0.5"))
+    assert (d.cfg.verify_overhead, d.cfg.verify_per_node) == (0.0, 0.5)
+    default, shipped = build_drafter("suffix", target, RunConfig()).cfg, SuffixConfig()
+    assert (default.verify_overhead, default.verify_per_node) == (shipped.verify_overhead, shipped.verify_per_node)
+    for bad in ("0.6", "a,b", "-1,0"):
+        with pytest.raises(UserError, match="--suffix-verify-cost"):
+            build_drafter("suffix", target, RunConfig(suffix_verify_cost=bad))

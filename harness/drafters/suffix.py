@@ -302,6 +302,17 @@ class SuffixDrafter(Drafter):
                         num_nodes=num_nodes.to(dev), bounds=(max_depth, max_kids))  # host-known: no device read
 
 
+def parse_verify_cost(spec: str) -> tuple[float, float]:
+    """--suffix-verify-cost A,B -> (verify_overhead, verify_per_node)."""
+    try:
+        a, b = (float(x) for x in spec.split(","))
+    except ValueError:
+        raise UserError(f"--suffix-verify-cost takes two numbers A,B (e.g. 0.6,0.07), got {spec!r}") from None
+    if a < 0 or b < 0:
+        raise UserError(f"--suffix-verify-cost: A and B must be >= 0, got {spec!r}")
+    return a, b
+
+
 SHIPPED_CORPORA = ("smollm2",)  # harness/suites/suffix_corpus_<name>.jsonl
 
 
