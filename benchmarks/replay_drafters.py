@@ -61,7 +61,12 @@ def accepted_along(tokens, parents, answer, i) -> int:
 
 def replay(convs, name: str, k: int):
     """Per category: [answer tokens, steps, accepted, nodes per step list, draft seconds]."""
-    drafter = SuffixDrafter() if name == "suffix" else None
+    return replay_steps(convs, SuffixDrafter if name == "suffix" else lambda: None, k)
+
+
+def replay_steps(convs, make, k: int):
+    """As replay, for the drafter make() returns (a SuffixDrafter; None: ngram with K = k)."""
+    drafter = make()
     stats = defaultdict(lambda: [0, 0, 0, [], 0.0])
     for _, category, turns in convs:
         for ids, answer in turns:

@@ -31,8 +31,9 @@ class RunConfig:
     layerskip_layers: int | None = None  # default: a third of the target's layers
     skip_layers: str | None = None  # selfspec: auto (search now) | search.json | comma-separated layers
     suffix_max_nodes: int = 10  # suffix: draft nodes per step at most
-    suffix_alpha: float = 2.0  # suffix: node budget per matched token (SuffixDecoding's max_spec = alpha * match)
+    suffix_alpha: float = 4.0  # suffix: node budget per matched token (SuffixDecoding's max_spec = alpha * match)
     suffix_corpus: str | None = None  # suffix: a .txt / .jsonl corpus added to the global suffix trie
+    suffix_verify_cost: str | None = None  # suffix: "A,B", verify of 1+n tokens = 1+A+B*n forwards (default 0.6,0.07)
     draft_model: str | None = None  # for the `model` drafter: preset, folder, .gguf or hub id
     head: str | None = None  # for eagle drafters: head folder (default: the one shipped for the target)
     depth: int | None = None  # eagle trees: draft depth
@@ -53,6 +54,10 @@ PRESETS: dict[str, dict] = {
     # `make bench` on 2 CPU cores: every drafter on SmolLM2, two mini prompts per category
     "bench-cpu": dict(suite="mini", per_category=2, max_new_tokens=64,
                       drafters=("ar", "ngram", "suffix", "layerskip", "eagle", "eagle3", "hf-generate", "hf-prompt-lookup")),
+    # issue 15's suffix and self-speculation figures on 2 CPU cores: the prompts of bench-cpu, the global suffix
+    # trie warmed with SmolLM2's answers to other prompts (harness/suites/suffix_corpus_smollm2.jsonl)
+    "suffix-cpu": dict(suite="mini", per_category=2, max_new_tokens=64, k=5, suffix_corpus="smollm2",
+                       drafters=("ar", "ngram", "suffix", "selfspec")),
     # EAGLE heads on MT-bench (two turns) on a CPU: the shipped eagle3 head against ar and eagle
     "mtbench-cpu": dict(suite="mt-bench", per_category=2, max_new_tokens=128, drafters=("ar", "eagle", "eagle3")),
     # the GPU comparison of the core issue

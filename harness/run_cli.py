@@ -47,8 +47,12 @@ def register(sub) -> None:
     p.add_argument("--skip-layers", default=None,
                    help="selfspec: auto (search on the calibration prompts), a search.json, or e.g. 8,9,10")
     p.add_argument("--suffix-max-nodes", type=int, default=None, help="suffix: draft nodes per step (default 10)")
-    p.add_argument("--suffix-alpha", type=float, default=None, help="suffix: nodes per matched token (default 2)")
-    p.add_argument("--suffix-corpus", default=None, help="suffix: .txt/.jsonl text added to the global trie")
+    p.add_argument("--suffix-alpha", type=float, default=None, help="suffix: nodes per matched token (default 4)")
+    p.add_argument("--suffix-corpus", default=None,
+                   help="suffix: .txt/.jsonl text added to the global trie, or a shipped corpus (smollm2)")
+    p.add_argument("--suffix-verify-cost", default=None,
+                   help="suffix: A,B = a verify of 1+n tokens costs 1+A+B*n one-token forwards (default 0.6,0.07; "
+                        "0,0 on a GPU: whole trees)")
     p.add_argument("--draft-model", default=None)
     p.add_argument("--head", default=None, help="EAGLE head folder")
     p.add_argument("--depth", type=int, default=None)
@@ -77,8 +81,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     values = dict(PRESETS[args.preset]) if args.preset else {}
     for key in ("target", "backend", "drafters", "suite", "limit", "per_category", "max_new_tokens", "temperature",
                 "seed", "device", "dtype", "max_len", "out", "run_id", "verify_backend", "meter_base", "layerskip_layers",
-                "skip_layers", "suffix_max_nodes", "suffix_alpha", "suffix_corpus", "draft_model", "head", "depth",
-                "top_k", "total_tokens", "warmup", "batch_size", "device_map"):
+                "skip_layers", "suffix_max_nodes", "suffix_alpha", "suffix_corpus", "suffix_verify_cost", "draft_model",
+                "head", "depth", "top_k", "total_tokens", "warmup", "batch_size", "device_map"):
         v = getattr(args, key)
         if v is not None:
             values[key] = v

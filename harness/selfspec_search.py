@@ -1,6 +1,12 @@
 """`spec-harness selfspec-search`: the set of layers the selfspec drafter skips, found on the calibration
-prompts by the cost model's predicted tok/s (harness.calibrate); every candidate is also decoded and timed,
-so the search table shows predicted against measured tok/s (see harness.drafters.selfspec)."""
+prompts (see harness.drafters.selfspec).
+
+The cost model (harness.calibrate) predicts each candidate's tok/s from its simulated acceptance and
+measured forward and draft times; it picks each candidate's K and, with measure=False (tests, or a search
+that cannot afford the decodes), the set. Otherwise every candidate is then decoded at its K and timed
+against ar, and the chosen set is the one with the best measured tok/s among those timed (`choose_measured`):
+the cost model ranks, the measurement decides. Each row of the result keeps both figures, and marks the
+best predicted (`predicted_best`) and the chosen (`chosen`) row."""
 
 from __future__ import annotations
 
@@ -112,6 +118,14 @@ def candidate_sets(num_layers: int, layer_score: dict[int, float], cfg: SearchCo
 def choose(rows: list[dict]) -> dict:
     """The candidate of best predicted tok/s (fewer skipped layers on ties)."""
     return max(rows, key=lambda r: (r["predicted_tok_s"], -len(r["skip"])))
+
+
+def choose_measured(rows: list[dict]) -> dict:
+    """The candidate of best measured tok/s among the timed ones (fewer skipped layers on ties)."""
+    timed = [r for r in rows if not math.isnan(r.get("measured_tok_s", math.nan))]
+    if not timed:
+        raise ValueError("no candidate was timed")
+    return max(timed, key=lambda r: (r["measured_tok_s"], -len(r["skip"])))
 
 
 @dataclass
@@ -240,9 +254,9 @@ def search(target: Target, cfg: SearchConfig | None = None, prompts=None, timing
     for r, ag in zip(rows, agreements):
         k, pred = predict(timings, r["kept"], r["accept_cond"], cfg.k_max, target.name)
         r.update(k=k, **pred, sim_accepted=[emitted_accepted(g, k, cfg.max_new_tokens) for g in ag])
-    best = choose(rows)
+    predicted = choose(rows)
     for r in rows:
-        r["chosen"] = r is best
+        r["predicted_best"] = r is predicted
 
     # 4. ar and every candidate decoded (at its best K) and timed, each after a warm-up decode; `rounds`
     # interleaved passes, the fastest kept (the least disturbed by other work on the machine)
@@ -260,16 +274,16 @@ def search(target: Target, cfg: SearchConfig | None = None, prompts=None, timing
         ar_tok_s = best_ar["measured_tok_s"]
         for r in rows:
             r["measured_speedup"] = r["measured_tok_s"] / ar_tok_s
-        top = max(rows, key=lambda r: r["measured_tok_s"])
-        for r in rows:
-            r["best_measured"] = r is top
+    best = choose_measured(rows) if measure else predicted
+    for r in rows:
+        r["chosen"] = r is best
     bar.update()
     bar.close()
     target.reset(1)
     return dict(skip=best["skip"], k=best["k"], num_layers=L, target=target.name, ar_tok_s=ar_tok_s,
-                timings=asdict(timings),
+                timings=asdict(timings), chosen_by="measured_tok_s" if measure else "predicted_tok_s",
+                predicted_skip=predicted["skip"],
                 layer_agreement={str(l): s for l, s in layer_score.items()}, table=rows,
-                chosen_is_best_measured=bool(best.get("best_measured")) if measure else None,
                 config=asdict(cfg), prompts=[getattr(p, "prompt_id", str(i)) for i, p in enumerate(prompts)])
 
 
@@ -299,7 +313,7 @@ def format_table(result: dict) -> str:
 
     rows = []
     for r in result["table"]:
-        mark = (" *" if r["chosen"] else "") + (" (best measured)" if r.get("best_measured") else "")
+        mark = (" *" if r["chosen"] else "") + (" (best predicted)" if r.get("predicted_best") else "")
         rows.append([",".join(map(str, r["skip"])) + mark, str(r["kept"]), f"{r['agreement']:.2f}", str(r["k"]),
                      f"{r['predicted_tau']:.2f}", f"{r['predicted_tok_s']:.1f}", f"{r['predicted_speedup']:.2f}x",
                      _fmt(r.get("measured_tau"), "{:.2f}"), _fmt(r.get("measured_tok_s"), "{:.1f}"),
@@ -317,8 +331,8 @@ def _fmt(v, fmt: str) -> str:
 def register(subparsers) -> None:
     p = subparsers.add_parser("selfspec-search", help="search the layers selfspec skips (predicted vs measured tok/s)",
                               description="Search the set of layers the selfspec drafter skips, on the calibration "
-                                          "prompts, by the cost model's predicted tok/s; every candidate is also "
-                                          "decoded and timed.")
+                                          "prompts: the cost model predicts each candidate's tok/s and K, every "
+                                          "candidate is decoded and timed, and the best measured is chosen.")
     d = SearchConfig()
     p.add_argument("--target", default="smollm2-135m", help="preset, model folder, .gguf or hub id")
     p.add_argument("--out", required=True, type=Path, help="the search.json to write (pass it to --skip-layers)")
@@ -340,8 +354,8 @@ def cmd_search(args) -> int:
     target = load_target(args.target, backend=args.backend, device=args.device, dtype=args.dtype, max_len=args.max_len)
     result = search(target, SearchConfig(prompts=args.prompts, max_new_tokens=args.max_new_tokens, k_max=args.k_max))
     print(format_table(result))
-    print(f"\nchosen: skip {','.join(map(str, result['skip']))} at K = {result['k']}; "
-          f"best measured tok/s among the candidates: {'yes' if result['chosen_is_best_measured'] else 'no'}")
+    print(f"\nchosen (best {result['chosen_by'].replace('_tok_s', ' tok/s')}): skip {','.join(map(str, result['skip']))} at "
+          f"K = {result['k']}; best predicted: skip {','.join(map(str, result['predicted_skip']))}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, allow_nan=True), encoding="utf-8")
     (args.out.parent / "env.json").write_text(json.dumps(search_environment(target, args), indent=2))

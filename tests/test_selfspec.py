@@ -15,7 +15,8 @@ from harness.config import RunConfig
 from harness.drafters import build_drafter
 from harness.drafters.ar import AR
 from harness.drafters.selfspec import resolve_skip, skip_view
-from harness.selfspec_search import SearchConfig, Timings, candidate_sets, choose, search, simulate_chain
+from harness.selfspec_search import (SearchConfig, Timings, candidate_sets, choose, choose_measured, search,
+                                     simulate_chain)
 from harness.engine.scheduler import Scheduler, decode
 from harness.errors import UserError
 from harness.runner import run_prompt
@@ -103,18 +104,76 @@ def test_search_picks_the_identity_layers_and_simulation_equals_decoding():
     timings = Timings(t_forward={t: 1.0 for t in range(1, K + 2)}, t_accept={k: 0.0 for k in range(K + 1)},
                       t_draft={kept: {k: k * kept / 6 for k in range(1, K + 1)} for kept in range(1, 6)})
     cfg = SearchConfig(prompts=2, max_new_tokens=24, k_max=K, sizes=(0.2, 0.35, 0.5))
-    result = search(target, cfg, prompts=prompts, timings=timings)
+    result = search(target, cfg, prompts=prompts, timings=timings, measure=False)
     table = result["table"]
-    assert result["skip"] == list(IDENTITY)
-    assert [r["skip"] for r in table if r["chosen"]] == [list(IDENTITY)]
+    assert result["skip"] == result["predicted_skip"] == list(IDENTITY) and result["chosen_by"] == "predicted_tok_s"
+    chosen = [r["skip"] for r in table if r["chosen"]]
+    assert chosen == [r["skip"] for r in table if r["predicted_best"]] == [list(IDENTITY)]
     assert max(r["predicted_tok_s"] for r in table) == next(r for r in table if r["chosen"])["predicted_tok_s"]
+    result = search(target, cfg, prompts=prompts, timings=timings)  # now decoded and timed
+    table = result["table"]
+    assert result["predicted_skip"] == list(IDENTITY) and result["chosen_by"] == "measured_tok_s"
     assert result["layer_agreement"]["2"] == result["layer_agreement"]["3"] == 1.0
     assert any(r["agreement"] < 1 for r in table)  # other candidates lose acceptance
     for r in table:
         assert r["sim_accepted"] == r["measured_accepted"], r["skip"]
         assert r["measured_tok_s"] > 0 and "measured_speedup" in r
-    best = next(r for r in table if r["chosen"])
+    best = next(r for r in table if r["predicted_best"])
     assert best["measured_accept_rate"] == 1.0 and best["k"] == K
+    chosen = next(r for r in table if r["chosen"])
+    assert chosen["measured_tok_s"] == max(r["measured_tok_s"] for r in table) and result["skip"] == chosen["skip"]
+
+
+def test_search_chooses_the_best_measured_not_the_best_predicted(monkeypatch):
+    """Injected decode timings in which the cost model's favourite ({2, 3}, the identity layers) is not the
+    fastest: the search must choose the candidate of the best measured tok/s, record its K, and keep both
+    figures for every candidate. A run's summary then names the chosen set."""
+    import harness.selfspec_search as ss
+
+    target = build_target(identity_layers_model(), byte_tokenizer(), "tiny", "native", max_len=256)
+    prompts = [Prompt("p0", "c", "s", ("tell me about cats",))]
+    K = 4
+    timings = Timings(t_forward={t: 1.0 for t in range(1, K + 2)}, t_accept={k: 0.0 for k in range(K + 1)},
+                      t_draft={kept: {k: k * kept / 6 for k in range(1, K + 1)} for kept in range(1, 6)})
+    cfg = SearchConfig(prompts=1, max_new_tokens=12, k_max=K, sizes=(0.2, 0.35, 0.5), rounds=2)
+    fake = {None: [10.0, 10.0], (2,): [3.0, 9.0], (2, 3): [5.0, 4.0]}  # tok/s per round
+    calls = {}
+
+    def fake_decode(target_, drafter, seqs, k, cfg_, eos):
+        key = getattr(drafter, "skip", None)
+        key = tuple(key) if key is not None else None
+        n = calls.get(key, 0)
+        calls[key] = n + 1
+        tok_s = fake.get(key, [0.5, 0.5])[n]
+        return dict(measured_tok_s=tok_s, measured_tau=1.0, measured_accept_rate=0.0, measured_accepted=[0])
+
+    monkeypatch.setattr(ss, "timed_decode", fake_decode)
+    result = search(target, cfg, prompts=prompts, timings=timings)
+    table = {tuple(r["skip"]): r for r in result["table"]}
+    assert {(2,), (2, 3)} <= set(table)
+    assert result["predicted_skip"] == [2, 3] and table[(2, 3)]["predicted_best"]
+    assert result["skip"] == [2] and result["k"] == table[(2,)]["k"] and table[(2,)]["chosen"]
+    assert [s for s, r in table.items() if r["chosen"]] == [(2,)]
+    assert table[(2,)]["measured_tok_s"] == 9.0 and table[(2, 3)]["measured_tok_s"] == 5.0  # fastest round kept
+    assert result["ar_tok_s"] == 10.0 and table[(2,)]["measured_speedup"] == 0.9
+    assert all("predicted_tok_s" in r and "measured_tok_s" in r for r in table.values())
+    with pytest.raises(ValueError, match="no candidate was timed"):
+        choose_measured([dict(skip=[1], predicted_tok_s=1.0)])
+    assert choose_measured([dict(skip=[1, 2], measured_tok_s=3.0), dict(skip=[4], measured_tok_s=3.0),
+                            dict(skip=[5], measured_tok_s=2.0)])["skip"] == [4]  # fewer skipped layers on ties
+
+
+def test_summary_names_the_chosen_skip_set(tmp_path):
+    from harness.reports.summary import selfspec_note
+
+    assert selfspec_note(tmp_path) is None
+    search = dict(chosen_by="measured_tok_s", ar_tok_s=10.0,
+                  table=[dict(skip=[3, 7], chosen=True, measured_tok_s=5.8, predicted_tok_s=4.3),
+                         dict(skip=[14, 15], chosen=False, measured_tok_s=4.7, predicted_tok_s=4.4)])
+    cfg = dict(extra=dict(selfspec=dict(skip=[3, 7], searched_k=3, search=search)))
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    note = selfspec_note(tmp_path)
+    assert "layers 3,7 at K = 3" in note and "best measured tok/s of 2 candidates" in note and "5.8 tok/s" in note
 
 
 def test_candidates_and_choice_on_a_given_table():

@@ -14,6 +14,7 @@ from harness.drafters.suffix import SuffixConfig, SuffixDrafter, SuffixTrie
 from harness.engine.scheduler import decode
 from harness.targets import build_target
 
+FREE = dict(verify_overhead=0.0, verify_per_node=0.0)  # verifying costs nothing: every tree proposed whole
 PROMPTS = [
     [5, 9, 13, 17, 5, 9, 13, 40, 41, 42, 5, 9],
     list(range(60, 90)),
@@ -94,7 +95,8 @@ def test_expand_is_best_first_with_counts_and_respects_budget_and_min_prob():
 
 
 def test_tree_size_adapts_to_the_match_length():
-    cfg = SuffixConfig(max_match=8, max_depth=12, max_nodes=50, alpha=1.0, min_prob=0.0, prior=0.0, min_score=0.0)
+    cfg = SuffixConfig(max_match=8, max_depth=12, max_nodes=50, alpha=1.0, min_prob=0.0, prior=0.0, global_prior=0.0,
+                       **FREE)
     d = SuffixDrafter(cfg)
     body = list(range(10, 30))
     short_ctx = body + [99, 10]  # "10" matched: 1 token
@@ -109,7 +111,7 @@ def ctx_of(histories):
 
 
 def test_global_trie_learns_finished_outputs_and_wins_when_it_matches_better():
-    cfg = SuffixConfig(min_score=0.0, prior=0.0)
+    cfg = SuffixConfig(**FREE, prior=0.0, global_prior=0.0)
     d = SuffixDrafter(cfg)
     answer = [40, 41, 42, 43, 44, 45]
     ctx = ctx_of([[1, 2, 3] + answer])  # a prompt of 3 tokens plus its answer (the first token emitted at begin)
@@ -123,7 +125,7 @@ def test_global_trie_learns_finished_outputs_and_wins_when_it_matches_better():
 
 
 def test_rows_join_leave_and_batch_proposals_equal_one_row_proposals():
-    cfg = SuffixConfig(min_score=0.0, prior=0.0)
+    cfg = SuffixConfig(**FREE, prior=0.0, global_prior=0.0)
     hists = [PROMPTS[0], PROMPTS[2], [1, 2, 3, 1, 2], PROMPTS[1][:8] + PROMPTS[1][:3]]
     batch = SuffixDrafter(cfg)
     batch.begin(ctx_of(hists))
@@ -157,7 +159,7 @@ def test_rows_join_leave_and_batch_proposals_equal_one_row_proposals():
 def test_greedy_outputs_equal_ar(backend):
     """Several prompts through one drafter (so the global trie is in use too), default and eager settings."""
     target = build_target(tiny_model(), None, "tiny", backend, max_len=256)
-    for cfg in (SuffixConfig(), SuffixConfig(min_score=0.0, prior=0.0, alpha=4.0, max_nodes=16)):
+    for cfg in (SuffixConfig(), SuffixConfig(**FREE, prior=0.0, global_prior=0.0, alpha=4.0, max_nodes=16)):
         drafter = SuffixDrafter(cfg)
         accepted = 0
         for prompt in PROMPTS + PROMPTS:
@@ -186,7 +188,7 @@ def test_sampling_keeps_the_target_distribution():
         p = torch.softmax(model(ids).logits.double() / T, -1)  # [V*V, 10, V]
         L = len(prompt)
         joint = (p[:, L - 1].gather(1, grid[:, :1]) * p[:, L].gather(1, grid[:, 1:]))[:, :, None] * p[:, L + 1][:, None]
-    drafter = SuffixDrafter(SuffixConfig(min_score=0.0, prior=0.0, min_prob=0.0, alpha=4.0, max_nodes=6))
+    drafter = SuffixDrafter(SuffixConfig(**FREE, prior=0.0, global_prior=0.0, min_prob=0.0, alpha=4.0, max_nodes=6))
     siblings = 0
     original = drafter.propose
 
@@ -226,7 +228,7 @@ def test_corpus_file_fills_the_global_trie_and_bad_lines_are_refused(tmp_path):
     path.write_text('{"text": "the quick brown fox"}\n"jumps over"\n')
     corpus = read_corpus(str(path), tok)
     assert corpus == [tok("the quick brown fox")["input_ids"], tok("jumps over")["input_ids"]]
-    d = SuffixDrafter(SuffixConfig(min_score=0.0, prior=0.0), corpus)
+    d = SuffixDrafter(SuffixConfig(**FREE, prior=0.0, global_prior=0.0), corpus)
     ctx = tok("a quick b")["input_ids"]
     toks, _, _, source = d.tree_for(ctx)
     assert source == "global" and toks[:3] == tok("row")["input_ids"]  # " b" -> "rown fox"
@@ -235,3 +237,67 @@ def test_corpus_file_fills_the_global_trie_and_bad_lines_are_refused(tmp_path):
         read_corpus(str(path), tok)
     with pytest.raises(UserError, match="not found"):
         read_corpus(str(tmp_path / "none.txt"), tok)
+
+
+def test_tree_is_the_prefix_with_most_expected_tokens_per_verify_cost():
+    """(1 + S_n) / (1 + overhead + per_node * n) over best-first prefixes: the argmax is proposed, nothing
+    when no prefix beats a plain forward; free verification proposes the whole tree."""
+    d = SuffixDrafter(SuffixConfig(verify_overhead=0.6, verify_per_node=0.07))
+    scores = [0.9, 0.8, 0.7, 0.1]
+    gains = [(1 + sum(scores[:n])) / (1.6 + 0.07 * n) for n in range(1, 5)]
+    assert d.best_prefix(scores) == (3, pytest.approx(max(gains))) and gains.index(max(gains)) == 2
+    assert d.best_prefix([0.3, 0.1]) == (0, 1.0)  # 1.3 / 1.67 < 1: a weak guess costs more than it earns
+    assert SuffixDrafter(SuffixConfig(**FREE)).best_prefix([0.3, 0.1])[0] == 2
+    body = list(range(10, 30))
+    weak = body + [99, 10]  # one matched token: low confidence
+    strong = body + [99] + body[:6]  # six matched tokens
+    assert d.tree_for(weak)[3] == "none" and d.tree_for(weak)[0] == []
+    assert SuffixDrafter(SuffixConfig(**FREE, prior=0.0, global_prior=0.0, alpha=4.0)).tree_for(weak)[0] == body[1:5]
+    toks, pars, deps, source = d.tree_for(strong)
+    assert source == "local" and toks == body[6:6 + len(toks)] and len(toks) >= 4  # a confident chain, deep
+
+
+def test_shipped_corpus_holds_no_bench_prompt():
+    """The shipped corpus (SmolLM2's own answers) must not contain answers to prompts a bench preset
+    measures (mini prompts 1-2 of each category), and --suffix-corpus smollm2 reads it."""
+    import json
+    from importlib import resources
+
+    from conftest import byte_tokenizer
+
+    from harness.config import PRESETS
+    from harness.drafters.suffix import read_corpus
+
+    text = resources.files("harness.suites").joinpath("suffix_corpus_smollm2.jsonl").read_text(encoding="utf-8")
+    ids = [json.loads(line)["prompt_id"] for line in text.splitlines()]
+    measured = {f"mini/{c}/0{i}" for c in ("chat", "code", "math", "summarization", "qa") for i in (1, 2)}
+    assert ids and not measured & set(ids)
+    assert all(p.get("per_category", 99) <= 2 for p in PRESETS.values() if p.get("suffix_corpus") == "smollm2")
+    docs = read_corpus("smollm2", byte_tokenizer())
+    assert len(docs) == len(ids) and all(docs)
+
+
+def test_global_structure_has_its_own_prior():
+    """global_prior discounts global matches only: a huge one silences the global trie and leaves the
+    local one as it was."""
+    corpus = [[40, 41, 42, 43, 44, 45]]
+    base = dict(FREE, prior=0.0, min_prob=0.1, alpha=4.0)
+    assert SuffixDrafter(SuffixConfig(**base, global_prior=0.0), corpus).tree_for([7, 8, 40, 41])[3] == "global"
+    assert SuffixDrafter(SuffixConfig(**base, global_prior=1e6), corpus).tree_for([7, 8, 40, 41])[3] == "none"
+    local = [40, 41, 42, 43, 9, 40, 41]
+    assert SuffixDrafter(SuffixConfig(**base, global_prior=1e6), corpus).tree_for(local)[:1] == ([42, 43, 9, 40, 41],)
+
+
+def test_verify_cost_flag_sets_the_cost_model_and_bad_values_are_refused():
+    from harness.config import RunConfig
+    from harness.drafters import build_drafter
+    from harness.errors import UserError
+
+    target = build_target(tiny_model(), None, "tiny", "native", max_len=64)
+    d = build_drafter("suffix", target, RunConfig(suffix_verify_cost="0,0.5"))
+    assert (d.cfg.verify_overhead, d.cfg.verify_per_node) == (0.0, 0.5)
+    default, shipped = build_drafter("suffix", target, RunConfig()).cfg, SuffixConfig()
+    assert (default.verify_overhead, default.verify_per_node) == (shipped.verify_overhead, shipped.verify_per_node)
+    for bad in ("0.6", "a,b", "-1,0"):
+        with pytest.raises(UserError, match="--suffix-verify-cost"):
+            build_drafter("suffix", target, RunConfig(suffix_verify_cost=bad))

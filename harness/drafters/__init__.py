@@ -104,9 +104,12 @@ def build_drafter(name: str, target, cfg):
     if name == "ngram":
         return NGram()
     if name == "suffix":
-        from harness.drafters.suffix import SuffixConfig, SuffixDrafter, read_corpus
+        from harness.drafters.suffix import SuffixConfig, SuffixDrafter, parse_verify_cost, read_corpus
         corpus = read_corpus(cfg.suffix_corpus, target.tokenizer) if cfg.suffix_corpus else None
-        return SuffixDrafter(SuffixConfig(max_nodes=cfg.suffix_max_nodes, alpha=cfg.suffix_alpha), corpus)
+        sc = SuffixConfig(max_nodes=cfg.suffix_max_nodes, alpha=cfg.suffix_alpha)
+        if cfg.suffix_verify_cost:
+            sc.verify_overhead, sc.verify_per_node = parse_verify_cost(cfg.suffix_verify_cost)
+        return SuffixDrafter(sc, corpus)
     if name == "selfspec":
         from harness.drafters.selfspec import build_selfspec
         return build_selfspec(target, cfg)

@@ -20,9 +20,11 @@ The search, on the `calibration` prompts (disjoint from the suites), at temperat
     measured t_draft(K) for each number of kept layers (it depends on the count only; `measure_times`:
     interleaved rounds, fastest call kept), the simulated a_j;
     each candidate's predicted tok/s is that of its best K;
- 5. the chosen set has the best predicted tok/s. ar and every candidate are then also decoded (at its best K)
-    and timed, so the table shows predicted against measured tok/s, tau and speedup per candidate, and the
-    simulated accepted drafts against the decoded ones (equal at temperature 0 in fp32).
+ 5. ar and every candidate are then decoded (each at its best K) and timed, in interleaved rounds (the
+    fastest kept); the chosen set is the one of best measured tok/s among them (the cost model chose each
+    K and ranks the table; its favourite is marked `predicted_best`). The table shows predicted against
+    measured tok/s, tau and speedup per candidate, and the simulated accepted drafts against the decoded
+    ones (equal at temperature 0 in fp32). The run's summary.md names the chosen set.
 """
 
 from __future__ import annotations

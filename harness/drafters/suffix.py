@@ -15,13 +15,26 @@ that occurred earlier with a continuation. Below the pattern's node, a child's p
 parent is count(child) / sum of the parent's children's counts (the counts-based estimate of SuffixDecoding);
 a node's score is the product along its path, the chance that the whole path is accepted. Counts over a
 short match are overconfident (one earlier "the" says little about what follows this "the"), so each
-factor is also weighted by m / (m + prior), m = the tokens of context it rests on. The tree keeps
-the best-scoring nodes (best-first, so every kept node's ancestors are kept), at most
-budget = min(max_nodes, ceil(alpha * match length)) of them (SuffixDecoding's adaptive max_spec) and
-none scoring below min_prob. The local and the global structure each propose a tree; the one with the
-higher expected accepted length (the sum of its scores) is used, and none when that is below min_score: on
-a CPU a verify forward of 2+ tokens costs about 1.5 one-token forwards, so a weak guess costs more than it
-earns.
+factor is also weighted by m / (m + prior), m = the tokens of context it rests on. Replaying SmolLM2's
+greedy answers to prompts no bench run uses, this is close to the measured acceptance of the best child:
+about 0.2 for a one-token local match, 0.5-0.6 for two, 0.7-0.9 from four on. Global matches of one or
+two tokens are right far less often (5-30%, where counts and prior 2 say 20-45%), so the global structure
+has its own, larger prior (global_prior).
+
+Tree size: nodes are taken best-first (every kept node's ancestors are kept), at most
+min(max_nodes, ceil(alpha * match length)) of them (SuffixDecoding's adaptive max_spec) and none scoring
+below min_prob. Of that best-first order, the tree proposed is the prefix of n nodes that maximises the
+expected tokens per unit of verify cost, (1 + S_n) / c(n), S_n = the sum of its scores (expected accepted
+drafts) and c(n) = 1 + verify_overhead + verify_per_node * n the cost of verifying 1 + n tokens relative
+to a one-token forward; nothing is proposed when no prefix beats 1 (a plain forward). On this project's
+CPU a verify of 2-11 tokens costs 1.4-2.1 one-token forwards (the defaults), so weak guesses are dropped
+and a confident path is drafted deep; on a GPU both costs are near 0 and every tree is proposed whole.
+The local and the global structure each propose their best prefix; the one with the higher gain is used.
+
+The global structure can be warmed with a corpus of the target's own earlier answers (--suffix-corpus;
+SuffixDecoding's setting: a deployment's global tree holds its earlier outputs). The shipped
+harness/suites/suffix_corpus_smollm2.jsonl holds SmolLM2-135M-Instruct's greedy answers to mini prompts
+3-10 of each category and to the calibration prompts, none of them a prompt the bench presets measure.
 
 q is one-hot (has_q = False): the tree is a function of the committed context and earlier outputs, never
 of this step's randomness, and siblings are distinct tokens, so the multi-draft verifier with
@@ -47,16 +60,19 @@ from harness.types import Proposal
 @dataclass
 class SuffixConfig:
     """Defaults chosen by replaying ar's greedy SmolLM2-135M answers (64 tokens) to prompts that no bench run
-    uses (mini prompts 3-4 of each category, and the calibration suite) through the drafter, with a verify
-    forward costing what it measured on this project's CPU (1 token 90 ms, 2-10 tokens 140-190 ms)."""
+    uses (mini prompts 3-6 of each category; corpus: prompts 7-10 and the calibration suite) through the
+    drafter, with verify forwards costing what they measured on this project's CPU
+    (benchmarks/tune_suffix.py)."""
 
     max_match: int = 12  # longest context suffix matched (tokens)
     max_depth: int = 12  # longest drafted path below the match
     max_nodes: int = 10  # draft nodes per step at most (the root excluded)
-    alpha: float = 2.0  # node budget per matched token (SuffixDecoding's max_spec = alpha * match length)
+    alpha: float = 4.0  # node budget per matched token (SuffixDecoding's max_spec = alpha * match length)
     min_prob: float = 0.1  # drop nodes whose path score is below this
     prior: float = 2.0  # match-length confidence m / (m + prior) on each step's counts (0: pure counts)
-    min_score: float = 1.0  # propose nothing when the tree's expected accepted length is below this
+    global_prior: float = 4.0  # the same for the global structure (its short matches are right less often)
+    verify_overhead: float = 0.6  # verifying 1 + n tokens costs 1 + verify_overhead + verify_per_node * n
+    verify_per_node: float = 0.07  # ... one-token forwards (CPU; set both to 0 on a GPU: whole trees)
 
 
 class SuffixTrie:
@@ -172,7 +188,7 @@ class SuffixDrafter(Drafter):
         self.cfg = cfg or SuffixConfig()
         c = self.cfg
         if c.max_match < 1 or c.max_depth < 1 or c.max_nodes < 1 or c.alpha <= 0 or not 0 <= c.min_prob < 1 \
-                or c.prior < 0 or c.min_score < 0:
+                or c.prior < 0 or c.global_prior < 0 or c.verify_overhead < 0 or c.verify_per_node < 0:
             raise UserError("suffix drafter: --suffix-max-nodes must be >= 1 and --suffix-alpha > 0")
         self.depth_cap = c.max_match + c.max_depth  # the trie must hold the pattern and what follows it
         self.global_trie = SuffixTrie(self.depth_cap)
@@ -235,17 +251,29 @@ class SuffixDrafter(Drafter):
         root). The local structure is the row's own (or one built from `context` when row is None)."""
         c = self.cfg
         local = row.trie if row is not None else self._new_row(context).trie
-        best, best_score, source = ([], [], []), 0.0, "none"
-        for name, trie in (("local", local), ("global", self.global_trie)):
+        best, best_gain, source = ([], [], []), 1.0, "none"
+        for name, trie, prior in (("local", local, c.prior), ("global", self.global_trie, c.global_prior)):
             node, m = trie.match(context, c.max_match)
             if m == 0:
                 continue
             budget = min(c.max_nodes, max(1, math.ceil(c.alpha * m)))
-            toks, pars, deps, scores = trie.expand(node, budget, c.min_prob, c.max_depth, m, c.prior)
-            score = sum(scores)
-            if score >= c.min_score and score > best_score:
-                best, best_score, source = (toks, pars, deps), score, name
+            toks, pars, deps, scores = trie.expand(node, budget, c.min_prob, c.max_depth, m, prior)
+            n, gain = self.best_prefix(scores)
+            if gain > best_gain:
+                best, best_gain, source = (toks[:n], pars[:n], deps[:n]), gain, name
         return (*best, source)
+
+    def best_prefix(self, scores: list[float]) -> tuple[int, float]:
+        """(n, gain) of the best-first prefix with the most expected tokens per verify cost (module
+        docstring); (0, 1.0) when none beats a plain forward."""
+        c = self.cfg
+        best_n, best_gain, expected = 0, 1.0, 1.0
+        for n, s in enumerate(scores, 1):
+            expected += s
+            gain = expected / (1.0 + c.verify_overhead + c.verify_per_node * n)
+            if gain > best_gain:
+                best_n, best_gain = n, gain
+        return best_n, best_gain
 
     def propose(self, ctx: DraftContext) -> Proposal:
         self.sync(ctx)
@@ -274,14 +302,33 @@ class SuffixDrafter(Drafter):
                         num_nodes=num_nodes.to(dev), bounds=(max_depth, max_kids))  # host-known: no device read
 
 
+def parse_verify_cost(spec: str) -> tuple[float, float]:
+    """--suffix-verify-cost A,B -> (verify_overhead, verify_per_node)."""
+    try:
+        a, b = (float(x) for x in spec.split(","))
+    except ValueError:
+        raise UserError(f"--suffix-verify-cost takes two numbers A,B (e.g. 0.6,0.07), got {spec!r}") from None
+    if a < 0 or b < 0:
+        raise UserError(f"--suffix-verify-cost: A and B must be >= 0, got {spec!r}")
+    return a, b
+
+
+SHIPPED_CORPORA = ("smollm2",)  # harness/suites/suffix_corpus_<name>.jsonl
+
+
 def read_corpus(path: str, tokenizer) -> list[list[int]]:
-    """--suffix-corpus: a text file (one document per blank-line separated block) or a .jsonl whose lines
-    are strings or objects with a 'text' field, tokenized with the target's tokenizer."""
+    """--suffix-corpus: a text file (one document per blank-line separated block), a .jsonl whose lines
+    are strings or objects with a 'text' field, or the name of a shipped corpus (SHIPPED_CORPORA), tokenized
+    with the target's tokenizer."""
     import json
+    from importlib import resources
 
     p = Path(path)
+    if path in SHIPPED_CORPORA:
+        p = Path(str(resources.files("harness.suites") / f"suffix_corpus_{path}.jsonl"))
     if not p.is_file():
-        raise UserError(f"suffix corpus {path} not found: give a .txt or .jsonl file")
+        raise UserError(f"suffix corpus {path} not found: give a .txt or .jsonl file, or one of "
+                        f"{', '.join(SHIPPED_CORPORA)}")
     if tokenizer is None:
         raise UserError("--suffix-corpus needs a target with a tokenizer")
     text = p.read_text(encoding="utf-8")

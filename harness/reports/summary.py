@@ -376,8 +376,32 @@ def write_summary(run_dir: Path) -> pd.DataFrame:
             "\n\nRerun with `--resume` to retry them.\n"
     if (run_dir / "batch_runs.jsonl").is_file():
         text += "\n## Batches\n\n" + format_batch_summary(batch_summary(run_dir)) + "\n"
+    selfspec = selfspec_note(run_dir)
+    if selfspec:
+        text += "\n## Self-speculation\n\n" + selfspec + "\n"
     (run_dir / "summary.md").write_text(text, encoding="utf-8")
     return df
+
+
+def selfspec_note(run_dir: Path) -> str | None:
+    """The skip set the run's selfspec drafter used (config.json), and how it was chosen; None without one."""
+    import json
+
+    path = run_dir / "config.json"
+    info = json.loads(path.read_text()).get("extra", {}).get("selfspec") if path.is_file() else None
+    if not info:
+        return None
+    skip = ",".join(map(str, info["skip"]))
+    search = info.get("search") or {}
+    if not search.get("table"):
+        return f"selfspec skipped layers {skip} (given by --skip-layers)."
+    chosen = next((r for r in search["table"] if r.get("chosen")), {})
+    by = search.get("chosen_by", "predicted_tok_s").replace("_tok_s", " tok/s")
+    nan = float("nan")
+    return (f"selfspec skipped layers {skip} at K = {info.get('searched_k')}, chosen by the search on the calibration "
+            f"prompts as the best {by} of {len(search['table'])} candidates (measured "
+            f"{chosen.get('measured_tok_s', nan):.1f} tok/s, predicted {chosen.get('predicted_tok_s', nan):.1f}; "
+            f"ar {search.get('ar_tok_s', nan):.1f} tok/s there).")
 
 
 def failed_prompts(run_dir: Path) -> list[dict]:
