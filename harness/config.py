@@ -33,7 +33,7 @@ class RunConfig:
     suffix_max_nodes: int = 10  # suffix: draft nodes per step at most
     suffix_alpha: float = 4.0  # suffix: node budget per matched token (SuffixDecoding's max_spec = alpha * match)
     suffix_corpus: str | None = None  # suffix: a .txt / .jsonl corpus added to the global suffix trie
-    suffix_verify_cost: str | None = None  # suffix: "A,B", verify of 1+n tokens = 1+A+B*n forwards (default 0.6,0.07)
+    suffix_verify_cost: str | None = None  # suffix: "A,B", verify of 1+n tokens = 1+A+B*n forwards (default 0.05,0.055)
     draft_model: str | None = None  # for the `model` drafter: preset, folder, .gguf or hub id
     head: str | None = None  # for eagle drafters: head folder (default: the one shipped for the target)
     depth: int | None = None  # eagle trees: draft depth

@@ -51,7 +51,7 @@ def register(sub) -> None:
     p.add_argument("--suffix-corpus", default=None,
                    help="suffix: .txt/.jsonl text added to the global trie, or a shipped corpus (smollm2)")
     p.add_argument("--suffix-verify-cost", default=None,
-                   help="suffix: A,B = a verify of 1+n tokens costs 1+A+B*n one-token forwards (default 0.6,0.07; "
+                   help="suffix: A,B = a verify of 1+n tokens costs 1+A+B*n one-token forwards (default 0.05,0.055; "
                         "0,0 on a GPU: whole trees)")
     p.add_argument("--draft-model", default=None)
     p.add_argument("--head", default=None, help="EAGLE head folder")

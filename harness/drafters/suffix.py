@@ -27,8 +27,10 @@ below min_prob. Of that best-first order, the tree proposed is the prefix of n n
 expected tokens per unit of verify cost, (1 + S_n) / c(n), S_n = the sum of its scores (expected accepted
 drafts) and c(n) = 1 + verify_overhead + verify_per_node * n the cost of verifying 1 + n tokens relative
 to a one-token forward; nothing is proposed when no prefix beats 1 (a plain forward). On this project's
-CPU a verify of 2-11 tokens costs 1.4-2.1 one-token forwards (the defaults), so weak guesses are dropped
-and a confident path is drafted deep; on a GPU both costs are near 0 and every tree is proposed whole.
+CPU, with the native backend's oneDNN linear layers, a verify of 2 / 6 / 16 tokens costs 1.08 / 1.27 /
+1.86 one-token forwards (results/verify-width-cpu/, one thread: the defaults 0.05 + 0.055 n fit it), so
+weak guesses are dropped and a confident path is drafted deep; on a GPU both costs are near 0 and every
+tree is proposed whole. (Before the oneDNN layers, a verify of 2-11 tokens cost 1.4-2.1 forwards.)
 The local and the global structure each propose their best prefix; the one with the higher gain is used.
 
 The global structure can be warmed with a corpus of the target's own earlier answers (--suffix-corpus;
@@ -62,7 +64,7 @@ class SuffixConfig:
     """Defaults chosen by replaying ar's greedy SmolLM2-135M answers (64 tokens) to prompts that no bench run
     uses (mini prompts 3-6 of each category; corpus: prompts 7-10 and the calibration suite) through the
     drafter, with verify forwards costing what they measured on this project's CPU
-    (benchmarks/tune_suffix.py)."""
+    (benchmarks/tune_suffix.py); the verify cost refitted after the oneDNN layers (module docstring)."""
 
     max_match: int = 12  # longest context suffix matched (tokens)
     max_depth: int = 12  # longest drafted path below the match
@@ -71,8 +73,8 @@ class SuffixConfig:
     min_prob: float = 0.1  # drop nodes whose path score is below this
     prior: float = 2.0  # match-length confidence m / (m + prior) on each step's counts (0: pure counts)
     global_prior: float = 4.0  # the same for the global structure (its short matches are right less often)
-    verify_overhead: float = 0.6  # verifying 1 + n tokens costs 1 + verify_overhead + verify_per_node * n
-    verify_per_node: float = 0.07  # ... one-token forwards (CPU; set both to 0 on a GPU: whole trees)
+    verify_overhead: float = 0.05  # verifying 1 + n tokens costs 1 + verify_overhead + verify_per_node * n
+    verify_per_node: float = 0.055  # ... one-token forwards (CPU; set both to 0 on a GPU: whole trees)
 
 
 class SuffixTrie:
@@ -307,7 +309,7 @@ def parse_verify_cost(spec: str) -> tuple[float, float]:
     try:
         a, b = (float(x) for x in spec.split(","))
     except ValueError:
-        raise UserError(f"--suffix-verify-cost takes two numbers A,B (e.g. 0.6,0.07), got {spec!r}") from None
+        raise UserError(f"--suffix-verify-cost takes two numbers A,B (e.g. 0.05,0.055), got {spec!r}") from None
     if a < 0 or b < 0:
         raise UserError(f"--suffix-verify-cost: A and B must be >= 0, got {spec!r}")
     return a, b
