@@ -145,7 +145,8 @@ def test_every_drafter_equals_ar(cases, reference, batch1_steps, name, batch_siz
     accepted = sum(s["accepted"] for _, steps in got.values() for s in steps)
     if not name.endswith("random") and not name.startswith("eagle3") and name not in ("ngram", "suffix", "selfspec"):
         assert accepted > 0  # the drafts were exercised, not just rejected
-    if name == "block":
+    if name == "block":  # ar's most frequent token is accepted 4 times here; token 0 (no counts) only once
+        assert accepted >= 3
         assert any(not s["cut"] and s["accepted"] < s["depth"] for _, steps in got.values() for s in steps)
     for fields, steps in got.values():
         assert 0 < fields["wall_s"] <= wall
