@@ -18,7 +18,9 @@ from test_eagle import oracle_head, one_layer_model, random_head
 from harness.config import RunConfig
 from harness.drafters import build_drafter
 from harness.drafters.ar import AR
+from harness.drafters.block import BlockDrafter, init_block
 from harness.drafters.eagle import EagleDrafter, TreeShape
+from harness.drafters.heads import Frozen, config_for_target
 from harness.drafters.model import ARDraftModel
 from harness.engine.scheduler import Scheduler
 from harness.engine.step import tree_mask
@@ -72,6 +74,17 @@ def drafters(target, bigram_target, bigram_model):
             return EagleDrafter(head, frozen, variant, tree, bigram_target.max_len, bigram_target.device)
         return bigram_target, make
 
+    def block():
+        """A block head whose draft vocabulary is the one token ar emits most often on these prompts (as
+        train-head picks a head's vocabulary from token counts): q is one-hot on it, so its drafts are
+        accepted where ar repeats that token and rejected elsewhere (a random head is never accepted)."""
+        got, _ = decode_all(target, AR(), 1, name="ar")
+        counts = torch.bincount(torch.tensor([t for f, _ in got.values() for turn in f["output_ids"] for t in turn]),
+                                minlength=target.vocab_size).float()
+        frozen = Frozen.of(target)
+        head = init_block(config_for_target(target, "block", 1), frozen, 1, counts).eval().requires_grad_(False)
+        return lambda: BlockDrafter(head, frozen, "block", target.max_len, target.device)
+
     cfg = RunConfig(k=3, layerskip_layers=2)
     draft_model = build_target(tiny_model(), byte_tokenizer(), "draft", "native", max_len=320)  # the target's twin: drafts accepted
     tree = TreeShape(depth=4, top_k=3, total_tokens=9)
@@ -86,11 +99,12 @@ def drafters(target, bigram_target, bigram_model):
         "eagle3-chain": eagle("eagle3", None, oracle=False),  # (the oracle construction is EAGLE-1's)
         "eagle3-tree": eagle("eagle3", tree, oracle=False),
         "eagle-tree-random": eagle("eagle", tree, oracle=False),
+        "block": (target, block()),
     }
 
 
 DRAFTERS = ("ngram", "suffix", "selfspec", "layerskip", "model", "eagle-chain", "eagle-tree", "eagle3-chain", "eagle3-tree",
-            "eagle-tree-random")
+            "eagle-tree-random", "block")
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +145,9 @@ def test_every_drafter_equals_ar(cases, reference, batch1_steps, name, batch_siz
     accepted = sum(s["accepted"] for _, steps in got.values() for s in steps)
     if not name.endswith("random") and not name.startswith("eagle3") and name not in ("ngram", "suffix", "selfspec"):
         assert accepted > 0  # the drafts were exercised, not just rejected
+    if name == "block":  # ar's most frequent token is accepted 4 times here; token 0 (no counts) only once
+        assert accepted >= 3
+        assert any(not s["cut"] and s["accepted"] < s["depth"] for _, steps in got.values() for s in steps)
     for fields, steps in got.values():
         assert 0 < fields["wall_s"] <= wall
         # counts are of emitted tokens: every turn's first token comes from its prefill
