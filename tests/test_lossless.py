@@ -199,8 +199,8 @@ def make_drafter(name: str, head: str | None, target):
     scale = {"peaked": PEAKED, "medium": medium, "flat": FLAT, None: 1.0}[head]
     if name == "ngram":
         return NGram()
-    if name == "suffix":  # min_score 0: propose every tree (the default drops weak ones, a CPU-speed choice)
-        return SuffixDrafter(SuffixConfig(min_score=0.0))
+    if name == "suffix":  # free verification: propose every tree whole (the CPU default drops weak ones)
+        return SuffixDrafter(SuffixConfig(verify_overhead=0.0, verify_per_node=0.0))
     if name == "layerskip":
         return layerskip(target, 1)
     if name == "selfspec":  # skips the first layer (layerskip drops the last)
