@@ -8,6 +8,7 @@ recorded and the others go on."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import pytest
@@ -22,6 +23,7 @@ from harness.drafters.block import BlockDrafter, init_block
 from harness.drafters.eagle import EagleDrafter, TreeShape
 from harness.drafters.heads import Frozen, config_for_target
 from harness.drafters.model import ARDraftModel
+from harness.drafters.suffix import SuffixConfig, SuffixDrafter
 from harness.engine.scheduler import Scheduler
 from harness.engine.step import tree_mask
 from harness.errors import UserError
@@ -91,6 +93,9 @@ def drafters(target, bigram_target, bigram_model):
     return {
         "ngram": (target, lambda: build_drafter("ngram", target, cfg)),
         "suffix": (target, lambda: build_drafter("suffix", target, cfg)),
+        # the local structure alone (a global prior of inf scores every global node 0): its trace must not
+        # depend on the batch, which the shared global trie's may (below)
+        "suffix-local": (target, lambda: SuffixDrafter(SuffixConfig(global_prior=math.inf))),
         "selfspec": (target, lambda: build_drafter("selfspec", target, RunConfig(k=3, skip_layers="1,2"))),
         "layerskip": (target, lambda: build_drafter("layerskip", target, cfg)),
         "model": (target, lambda: ARDraftModel(draft_model, "model")),
@@ -103,7 +108,7 @@ def drafters(target, bigram_target, bigram_model):
     }
 
 
-DRAFTERS = ("ngram", "suffix", "selfspec", "layerskip", "model", "eagle-chain", "eagle-tree", "eagle3-chain", "eagle3-tree",
+DRAFTERS = ("ngram", "suffix", "suffix-local", "selfspec", "layerskip", "model", "eagle-chain", "eagle-tree", "eagle3-chain", "eagle3-tree",
             "eagle-tree-random", "block")
 
 
@@ -135,15 +140,19 @@ def test_every_drafter_equals_ar(cases, reference, batch1_steps, name, batch_siz
     got, wall = decode_all(tgt, make(), batch_size)
     assert {pid: f["output_ids"] for pid, (f, _) in got.items()} == reference[id(tgt)]
     # at temperature 0 a drafter's proposals depend on its row's context only: the same steps at any batch
-    # size (a row whose drafter state leaked from another row would accept differently)
+    # size (a row whose drafter state leaked from another row would accept differently). Not suffix: its
+    # global trie holds the run's earlier outputs, so what it has seen depends on which rows finished
+    # first (its outputs still equal ar's above); suffix-local checks its per-row structure.
     trace = {pid: [(s["drafted"], s["accepted"]) for s in steps] for pid, (_, steps) in got.items()}
     if batch_size == 1:
         batch1_steps[name] = trace
-    elif name in batch1_steps:
+    elif name in batch1_steps and name != "suffix":
         assert trace == batch1_steps[name]
+    if name == "suffix-local":  # the trace check above saw drafts
+        assert sum(d for t in trace.values() for d, _ in t) > 0
     assert [len(got[p][0]["output_ids"]) for p in ("p1", "p3")] == [2, 3]
     accepted = sum(s["accepted"] for _, steps in got.values() for s in steps)
-    if not name.endswith("random") and not name.startswith("eagle3") and name not in ("ngram", "suffix", "selfspec"):
+    if not name.endswith("random") and not name.startswith("eagle3") and name not in ("ngram", "suffix", "suffix-local", "selfspec"):
         assert accepted > 0  # the drafts were exercised, not just rejected
     if name == "block":  # ar's most frequent token is accepted 4 times here; token 0 (no counts) only once
         assert accepted >= 3
