@@ -124,6 +124,15 @@ def test_global_trie_learns_finished_outputs_and_wins_when_it_matches_better():
     assert source == "global" and toks[:4] == [42, 43, 44, 45]
 
 
+def rows_of(prop) -> list[tuple[list, list, list]]:
+    """Per row (draft tokens, parents as node indices with 0 = root, depths) of a tree or chain proposal."""
+    if prop.is_tree:
+        return [(prop.tokens[b, 1:n].tolist(), prop.parents[b, 1:n].tolist(), prop.depth[b, 1:n].tolist())
+                for b, n in enumerate(prop.num_nodes.tolist())]
+    return [(prop.tokens[b, :n].tolist(), list(range(n)), list(range(1, n + 1)))
+            for b, n in enumerate(prop.num_draft_host)]
+
+
 def test_rows_join_leave_and_batch_proposals_equal_one_row_proposals():
     cfg = SuffixConfig(**FREE, prior=0.0, global_prior=0.0)
     hists = [PROMPTS[0], PROMPTS[2], [1, 2, 3, 1, 2], PROMPTS[1][:8] + PROMPTS[1][:3]]
@@ -135,11 +144,7 @@ def test_rows_join_leave_and_batch_proposals_equal_one_row_proposals():
         one = SuffixDrafter(cfg)
         one.begin(ctx_of([h]))
         p1 = one.propose(ctx_of([h]))
-        n = int(p1.num_nodes[0])
-        assert int(prop.num_nodes[b]) == n
-        assert prop.tokens[b, 1:n].tolist() == p1.tokens[0, 1:n].tolist()
-        assert prop.parents[b, :n].tolist() == p1.parents[0, :n].tolist()
-        assert prop.depth[b, :n].tolist() == p1.depth[0, :n].tolist()
+        assert rows_of(prop)[b] == rows_of(p1)[0]
         assert prop.tokens[b, 0] == h[-1]
     # keep_rows: row i takes what row rows[i] held; the rows that left give their output to the global trie
     ctx = ctx_of(hists)
@@ -195,8 +200,9 @@ def test_sampling_keeps_the_target_distribution():
     def propose(ctx):
         nonlocal siblings
         prop = original(ctx)
-        par = prop.parents[0, 1:int(prop.num_nodes[0])].tolist()
-        siblings += any(par.count(x) > 1 for x in set(par))
+        if prop.is_tree:  # a single path comes as a chain
+            par = prop.parents[0, 1:int(prop.num_nodes[0])].tolist()
+            siblings += any(par.count(x) > 1 for x in set(par))
         return prop
 
     drafter.propose = propose
@@ -301,3 +307,25 @@ def test_verify_cost_flag_sets_the_cost_model_and_bad_values_are_refused():
     for bad in ("0.6", "a,b", "-1,0"):
         with pytest.raises(UserError, match="--suffix-verify-cost"):
             build_drafter("suffix", target, RunConfig(suffix_verify_cost=bad))
+
+
+def test_single_paths_are_proposed_as_a_ragged_chain_and_branches_as_a_tree():
+    """A step whose every row drafts one path (or nothing) is a ragged chain with those tokens; a row with
+    siblings makes the step a tree again. Both decide as the tree would (test_greedy_outputs_equal_ar)."""
+    cfg = SuffixConfig(**FREE, prior=0.0, global_prior=0.0, min_prob=0.0)
+    path_row = [5, 6, 7, 8, 9, 5, 6]  # 5 6 -> 7 8 9 5 6: one continuation
+    branch_row = [1, 2, 3, 1, 2, 4, 1, 2]  # 1 2 -> 3 or 4: siblings
+    empty_row = [30, 31, 32]  # nothing repeats: no draft
+    d = SuffixDrafter(cfg)
+    d.begin(ctx_of([path_row, empty_row]))
+    prop = d.propose(ctx_of([path_row, empty_row]))
+    assert not prop.is_tree and prop.num_draft_host == [len(prop.tokens[0]), 0]
+    toks, pars, _, _ = d.tree_for(path_row, d.rows[0])
+    assert pars == list(range(-1, len(pars) - 1)) and prop.tokens[0].tolist() == toks and toks[:3] == [7, 8, 9]
+    d = SuffixDrafter(cfg)
+    d.begin(ctx_of([path_row, branch_row]))
+    prop = d.propose(ctx_of([path_row, branch_row]))
+    assert prop.is_tree
+    n = int(prop.num_nodes[1])
+    par = prop.parents[1, 1:n].tolist()
+    assert any(par.count(x) > 1 for x in set(par))
