@@ -35,6 +35,7 @@ def test_block_equals_ar_at_temperature_zero(k):
 
 class Recording(BlockDrafter):
     def propose(self, ctx):
+        ctx.want_q = True  # q is what these tests compare
         prop = super().propose(ctx)
         self.log.append((list(ctx.history[0]), prop))
         return prop

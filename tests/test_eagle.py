@@ -80,6 +80,7 @@ def test_equals_ar_at_temperature_zero(backend, variant, head_kind):
 
 class Recording(EagleDrafter):
     def propose(self, ctx):
+        ctx.want_q = True  # q is what these tests compare (a greedy run without a meter would not need it)
         prop = super().propose(ctx)
         self.log.append((list(ctx.history[0]), prop))
         return prop

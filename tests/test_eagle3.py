@@ -271,3 +271,69 @@ def test_shipped_smollm2_eagle3_head_is_lossless_and_accepts():
         accepted += sum(s["accepted"] for s in out.steps)
         steps += len(out.steps)
     assert accepted / steps > 0.1  # mean accepted drafts per step (0.28 measured on 4 mt-bench questions)
+
+
+@pytest.mark.parametrize("variant", ["eagle", "eagle3", "block"])
+def test_greedy_chain_without_q_drafts_the_same_tokens(variant):
+    """With nothing reading q (T = 0, no meter: want_q False) a chain's tokens are those of the full path
+    (softmax over the target vocabulary, then argmax) and q is left None; with want_q the q is there."""
+    from test_block import random_block
+
+    from harness.drafters.base import Committed, DraftContext
+    from harness.drafters.block import BlockDrafter
+
+    target = tiny_target()
+    if variant == "block":
+        head, frozen = random_block(target, scale=1.0, draft_vocab=60)
+        make = lambda: BlockDrafter(head, frozen, "block", 256, target.device)  # noqa: E731
+    else:
+        head, frozen = random_head(target, variant, draft_vocab=60 if variant == "eagle3" else 0, scale=1.0)
+        make = lambda: EagleDrafter(head, frozen, variant, None, 256, target.device)  # noqa: E731
+    if variant != "eagle":  # a draft vocabulary with gaps: draft id != target id
+        V = head.cfg.vocab_size
+        ids = torch.randperm(V, generator=torch.Generator().manual_seed(3))[:60].sort().values
+        head.set_vocab(ids)
+        assert (head.target_ids() != torch.arange(60)).any()
+    prompt = [1, 5, 9, 2, 7, 3, 8, 4, 6, 5, 9]
+    props = {}
+    for want_q in (True, False):
+        target.reset(1)
+        out = target.forward(torch.tensor([prompt[:-1]]), hidden_layers=tuple(head.cfg.layers))
+        target.commit(torch.tensor([len(prompt) - 1]))
+        ctx = DraftContext(history=[list(prompt)], k=4, temperature=0.0, seed=0, device=target.device,
+                           prefill_hidden=out.hidden, want_q=want_q)
+        drafter = make()
+        drafter.begin(ctx)
+        drafter.begin_row(ctx, 0)
+        props[want_q] = [drafter.propose(ctx)]
+        emitted = props[want_q][0].tokens[0, :2].tolist() + [11]  # keep two drafts, then a correction
+        ctx.history[0].extend(emitted)
+        ctx.hidden = {h: torch.randn(1, 3, head.cfg.hidden_size, generator=torch.Generator().manual_seed(h))
+                      for h in head.cfg.layers}
+        drafter.observe(ctx, Committed(num_accepted=torch.tensor([2]), accepted=[2], emitted=[emitted]))
+        props[want_q].append(drafter.propose(ctx))
+    for full, lean in zip(props[True], props[False]):
+        assert lean.q is None and full.q is not None and full.q.shape[:2] == (1, 4)
+        assert lean.tokens.tolist() == full.tokens.tolist()
+    assert len(set(props[False][0].tokens[0].tolist() + props[False][1].tokens[0].tolist())) > 1
+
+
+def test_a_meter_at_temperature_zero_still_gets_the_heads_q():
+    """The scheduler asks for q whenever a meter is attached (want_q), also at T = 0: the step records of an
+    eagle3 chain then carry the head's draft entropy h_draft (a one-hot q would give 0)."""
+    from conftest import byte_tokenizer
+    from test_engine import prompts
+
+    from harness.config import RunConfig
+    from harness.engine.scheduler import Scheduler
+    from harness.meter.core import build_meter
+
+    target = build_target(tiny_model(layers=6), byte_tokenizer(), "tiny", "native", max_len=320)
+    head, frozen = random_head(target, "eagle3", draft_vocab=60, scale=4.0)
+    got = {}
+    Scheduler(target, EagleDrafter(head, frozen, "eagle3", None, 320, target.device), name="d", batch_size=1,
+              max_new_tokens=8, k=3, temperature=0.0, seed=0, eos_ids=set(), catch=False,
+              new_meter=lambda: build_meter(RunConfig(meter=True, k=3), target),
+              on_finish=lambda p, f, st: got.setdefault(p.prompt_id, st)).run(prompts()[:1])
+    steps = [s for st in got.values() for s in st if s["drafted"]]
+    assert steps and all(h is not None and h > 1e-3 for s in steps for h in s["h_draft"][:1])  # one-hot q: 0

@@ -39,6 +39,7 @@ class DraftContext:
     verify_keys: torch.Tensor | None = None  # [B] int64: each row's verification key (harness.seeds)
     draft_keys: torch.Tensor | None = None  # [B] int64: each row's key for the drafter's own draws
     prefill_hidden: dict[int, torch.Tensor] | None = None  # begin_row: the row's prefill, layer -> [1, P, H]
+    want_q: bool = True  # False: greedy verification and no meter, so nothing reads q (a drafter may leave it None)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.drafters.base import DraftContext, sample_or_argmax
+from harness.drafters.base import DraftContext
 from harness.drafters.block_head import BlockHead, init_block  # noqa: F401 (re-exported)
 from harness.drafters.eagle import EagleDrafter, region_mask
 from harness.errors import UserError
@@ -48,16 +48,17 @@ class BlockDrafter(EagleDrafter):
         B, K = out.shape[0], ctx.k
         if K > self.room:
             raise UserError(f"--k {K} exceeds the block head's draft room ({self.room})")
-        tok, q = sample_or_argmax(self._logits(out), ctx.temperature, ctx.draft_keys, self.lengths)  # draft 1: [B], [B, V]
+        tok, q = self._draw(out, ctx, self.lengths)  # draft 1: [B], [B, V] (None when nothing reads q)
         if K == 1:
-            return Proposal(tokens=tok[:, None], q=q[:, None])
+            return Proposal(tokens=tok[:, None], q=None if q is None else q[:, None])
         base = self.lengths
         J = K - 1
         vis = torch.ones(J, J, device=self.device).tril().bool()[None].expand(B, J, J)  # query j sees 1..j
         pos = base[:, None] + torch.arange(J, device=self.device)[None]  # [B, J]
         h = self._run_queries(out[:, None].expand(B, J, -1), pos, pos, region_mask(base, vis, S))  # [B, J, H]
-        toks, qs = sample_or_argmax(self._logits(h), ctx.temperature, ctx.draft_keys, pos + 1)  # [B, J], [B, J, V]
-        return Proposal(tokens=torch.cat([tok[:, None], toks], 1), q=torch.cat([q[:, None], qs], 1))
+        toks, qs = self._draw(h, ctx, pos + 1)  # [B, J], [B, J, V]
+        return Proposal(tokens=torch.cat([tok[:, None], toks], 1),
+                        q=None if q is None else torch.cat([q[:, None], qs], 1))
 
 
 def build_block(target, cfg) -> BlockDrafter:

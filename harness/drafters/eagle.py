@@ -106,6 +106,15 @@ class EagleDrafter(Drafter):
     def _logits(self, out):
         return self.head.to_target_vocab(self.head.logits(out, self.frozen))  # [.., V]
 
+    def _draw(self, out, ctx: DraftContext, positions):
+        """(tokens [..], q [.., V] or None) from head outputs [.., H]. When nothing reads q (greedy, no
+        meter: ctx.want_q False) the argmax is taken over the draft vocabulary and mapped to target ids,
+        without the full-vocabulary scatter and softmax: the same token (draft ids ascend with target ids,
+        so ties resolve alike)."""
+        if ctx.temperature == 0 and not ctx.want_q:
+            return self.head.target_ids()[self.head.logits(out, self.frozen).argmax(-1)], None
+        return sample_or_argmax(self._logits(out), ctx.temperature, ctx.draft_keys, positions)
+
     def _span(self) -> int:
         """Attention span for the whole step: committed rows, pending rows and draft rows (host mirror)."""
         need = max(self.lengths_host) + self.pending[0].shape[1] + self.room
@@ -218,14 +227,14 @@ class EagleDrafter(Drafter):
         feat = out  # [B, H]
         toks, qs = [], []
         for j in range(K):
-            tok, q = sample_or_argmax(self._logits(feat), ctx.temperature, ctx.draft_keys, base + j)  # [B], [B, V]
+            tok, q = self._draw(feat, ctx, base + j)  # [B], [B, V] or None
             toks.append(tok)
             qs.append(q)
             if j + 1 < K:
                 vis[:, 0, j] = True  # draft row j sees rows 0..j
                 pos = (base + j)[:, None]
                 feat = self._run(tok[:, None], feat[:, None], pos, pos, region_mask(base, vis, S))[:, 0]
-        return Proposal(tokens=torch.stack(toks, 1), q=torch.stack(qs, 1))  # [B, K], q [B, K, V]
+        return Proposal(tokens=torch.stack(toks, 1), q=None if qs[0] is None else torch.stack(qs, 1))  # q [B, K, V]
 
     # -- EAGLE-2 trees --------------------------------------------------------------------------------------
     def _tree(self, ctx: DraftContext, out: torch.Tensor, S: int) -> Proposal:

@@ -121,7 +121,8 @@ class Scheduler:
         self.keys = {"verify": [0] * n, "draft": [0] * n}
         self.ctx = DraftContext(history=[[PARK_TOKEN] for _ in range(n)], k=self.k, temperature=self.temperature,
                                 seed=self.seed, device=self.dev, hidden={},
-                                hidden_valid=torch.ones(n, dtype=torch.long, device=self.dev))
+                                hidden_valid=torch.ones(n, dtype=torch.long, device=self.dev),
+                                want_q=self.temperature > 0 or self.engine.stats)
         self._push_keys()
         self.drafter.begin(self.ctx)
         for b in range(n):
