@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-VARIANTS="eagle3:k=2:total_tokens=0,eagle3:k=3:total_tokens=0,eagle3:k=5:total_tokens=0"
+VARIANTS="eagle3:k=1:total_tokens=0,eagle3:k=2:total_tokens=0,eagle3:k=3:total_tokens=0"
 VARIANTS+=",eagle3:depth=3:top_k=2:total_tokens=4,eagle3:depth=4:top_k=4:total_tokens=12"
 "$PY" -m harness run --target smollm2-135m --dtype float32 --temperature 0 --meter off \
     --suite mt-bench --per-category 1 --max-new-tokens 64 \

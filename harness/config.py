@@ -53,7 +53,7 @@ class RunConfig:
 PRESETS: dict[str, dict] = {
     # `make bench` on 2 CPU cores: every drafter on SmolLM2, two mini prompts per category
     "bench-cpu": dict(suite="mini", per_category=2, max_new_tokens=64,
-                      drafters=("ar", "ngram", "suffix", "layerskip", "eagle", "eagle3", "hf-generate", "hf-prompt-lookup")),
+                      drafters=("ar", "ngram", "suffix", "layerskip", "eagle", "eagle3:k=2", "hf-generate", "hf-prompt-lookup")),
     # issue 15's suffix and self-speculation figures on 2 CPU cores: the prompts of bench-cpu, the global suffix
     # trie warmed with SmolLM2's answers to other prompts (harness/suites/suffix_corpus_smollm2.jsonl)
     "suffix-cpu": dict(suite="mini", per_category=2, max_new_tokens=64, k=5, suffix_corpus="smollm2",
