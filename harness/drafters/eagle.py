@@ -112,7 +112,9 @@ class EagleDrafter(Drafter):
         without the full-vocabulary scatter and softmax: the same token (draft ids ascend with target ids,
         so ties resolve alike)."""
         if ctx.temperature == 0 and not ctx.want_q:
-            return self.head.target_ids()[self.head.logits(out, self.frozen).argmax(-1)], None
+            logits = self.head.logits(out, self.frozen)
+            ids = logits.argmax(-1)  # full vocabulary (eagle): already target ids
+            return (ids if logits.shape[-1] == self.head.cfg.vocab_size else self.head.target_ids()[ids]), None
         return sample_or_argmax(self._logits(out), ctx.temperature, ctx.draft_keys, positions)
 
     def _span(self) -> int:
