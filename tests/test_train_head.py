@@ -35,6 +35,29 @@ def test_self_distillation_data_lines_up():
         assert d["p_ids"][len(prompt) - 1:, 0].tolist() == d["ids"][len(prompt):]  # greedy answers
 
 
+def test_self_distillation_rows_that_end_early_leave_the_batch():
+    """A row that emits EOS leaves its batch (the cache shrinks) while the others go on: every row's answer,
+    features and p still equal that prompt answered alone."""
+    target = build_target(tiny_model(), None, "tiny", "native", max_len=256)
+    prompts = [PROMPT, PROMPT[:9], PROMPT[5:20], PROMPT[2:14]]
+    free = self_distill(target, prompts, (-1,), max_new=12, batch=4, eos=set())
+    first = [d["ids"][d["plen"]:] for d in free]
+    eos = {first[1][2]}  # prompt 1 ends at its third token; prompts without that token answer all 12
+    assert any(not eos & set(a) for a in first), "a row must outlive the one that ends early"
+    shrunk = []
+    keep_rows = target.keep_rows
+    target.keep_rows = lambda rows: (shrunk.append(len(rows)), keep_rows(rows))
+    data = self_distill(target, prompts, (-1,), max_new=12, batch=4, eos=eos)
+    del target.keep_rows
+    assert shrunk and shrunk[0] < 4
+    for prompt, d in zip(prompts, data):
+        alone = self_distill(target, [prompt], (-1,), max_new=12, batch=1, eos=eos)[0]
+        assert d["ids"] == alone["ids"]
+        torch.testing.assert_close(d["feats"], alone["feats"], atol=1e-4, rtol=0)
+        assert d["p_ids"][:, 0].tolist() == alone["p_ids"][:, 0].tolist()
+    assert len(data[1]["ids"]) - data[1]["plen"] == 3
+
+
 def test_heldout_accuracy_of_an_exact_head_is_one():
     """On a bigram target the oracle head is exact, so every depth's accuracy is 1; a random head's is ~0."""
     model = one_layer_model(0.0)

@@ -12,7 +12,8 @@ TOPK_P = 32  # target probabilities kept per position
 @torch.inference_mode()
 def self_distill(target, prompts: list[list[int]], layers: tuple[int, ...], max_new: int, batch: int,
                  eos: set[int], desc: str = "self-distillation") -> list[dict]:
-    """The target answers every prompt greedily, in batches of similar length. Per prompt: ids (prompt +
+    """The target answers every prompt greedily, in batches of similar length; a row that has answered (EOS)
+    leaves its batch, so the steps after it run on the rows still answering. Per prompt: ids (prompt +
     answer), plen, and for every fed token (all but the last id) feats [n, L, H] (the given layers, in
     order) and the target's top-k p (p_ids, p_vals [n, TOPK_P]) for the token after it."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -32,18 +33,21 @@ def self_distill(target, prompts: list[list[int]], layers: tuple[int, ...], max_
         chunks = [[_rows(o.hidden, o.logits, layers, b, slice(0, lens[b]))] for b in range(B)]
         nxt = o.logits[torch.arange(B, device=dev), torch.tensor(lens, device=dev) - 1].argmax(-1)
         answers, done = [[] for _ in range(B)], [False] * B
+        live = list(range(B))  # the batch rows still answering, by their index in `seqs` (finished rows leave)
         for step in range(max_new):
-            for b, t in enumerate(nxt.tolist()):
-                if not done[b]:
-                    answers[b].append(t)
-                    done[b] = t in eos
+            for b, t in zip(live, nxt.tolist()):
+                answers[b].append(t)
+                done[b] = t in eos
             if all(done) or step == max_new - 1:
                 break
+            keep = [j for j, b in enumerate(live) if not done[b]]
+            if len(keep) < len(live):  # a finished row costs nothing more: the cache and the batch shrink
+                target.keep_rows(keep)
+                live, nxt = [live[j] for j in keep], nxt[torch.tensor(keep, device=dev)]
             o = target.forward(nxt[:, None], hidden_layers=layers)
-            target.commit(torch.ones(B, dtype=torch.long, device=dev))
-            for b in range(B):
-                if not done[b]:
-                    chunks[b].append(_rows(o.hidden, o.logits, layers, b, slice(0, 1)))
+            target.commit(torch.ones(len(live), dtype=torch.long, device=dev))
+            for j, b in enumerate(live):
+                chunks[b].append(_rows(o.hidden, o.logits, layers, j, slice(0, 1)))
             nxt = o.logits[:, 0].argmax(-1)
         for b, i in enumerate(idx):
             feats, p_ids, p_vals = (torch.cat([c[j] for c in chunks[b]]) for j in range(3))
