@@ -58,6 +58,9 @@ def register(sub) -> None:
     p.add_argument("--depth", type=int, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--total-tokens", type=int, default=None)
+    p.add_argument("--stop-below", type=float, default=None,
+                   help="eagle/eagle3 chains: a row stops drafting once the product of the head's probabilities "
+                        "of its drafts falls below P (0, the default: always --k)")
     p.add_argument("--vllm-head", default=None,
                    help="vllm-eagle3: a head folder in vLLM's EAGLE-3 layout (default: the shipped one)")
     p.add_argument("--vllm-tensor-parallel-size", type=int, default=None,
@@ -82,7 +85,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     for key in ("target", "backend", "drafters", "suite", "limit", "per_category", "max_new_tokens", "temperature",
                 "seed", "device", "dtype", "max_len", "out", "run_id", "verify_backend", "meter_base", "layerskip_layers",
                 "skip_layers", "suffix_max_nodes", "suffix_alpha", "suffix_corpus", "suffix_verify_cost", "draft_model",
-                "head", "depth", "top_k", "total_tokens", "warmup", "batch_size", "device_map"):
+                "head", "depth", "top_k", "total_tokens", "stop_below", "warmup", "batch_size", "device_map"):
         v = getattr(args, key)
         if v is not None:
             values[key] = v

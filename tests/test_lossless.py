@@ -35,10 +35,12 @@ kept from earlier rounds because each caught a bug, medium: the draft model at T
 0.5, a q that a drafter reporting q at the wrong temperature gets badly wrong) and the eagle tree at T = 1
 (more rejections, so more rows take the second step where a constant verify position shows); and the block
 head at T = 0.2 (q's median top entry 0.48: block drafts 2..K reporting q at T = 1 fail here, while its
-peaked and flat q hardly change between temperatures). One-hot
+peaked and flat q hardly change between temperatures); and the eagle3 chain that stops on the head's
+confidence (stop_below, T = 1: rows draft 0, 1 or 2 tokens depending on their own draws, asserted), whose
+ragged stopping must not bias what is kept. One-hot
 drafters (ngram, suffix) and self-drafters (layerskip, selfspec) have no head kind.
 
-Coverage (CASES): the full product drafter x T in {0.2, 1.0} x head kind, plus the three medium cases. Each run
+Coverage (CASES): the full product drafter x T in {0.2, 1.0} x head kind, plus the four medium cases. Each run
 must draft, accept and reject (asserted from its step records), so a configuration that silently never drafts
 fails. The prompt repeats itself, so ngram and suffix always find a match to propose.
 """
@@ -79,6 +81,7 @@ FLAT_TOP = 0.3  # a flat q's top entry is below this for at least half of them (
 EAGLE_MEDIUM = 4.0  # an eagle head's medium scale: q's top entry about 0.4 to 0.9 at T = 1
 BLOCK_MEDIUM = 4.0  # the block head's
 TREE = TreeShape(depth=2, top_k=3, total_tokens=5)
+STOP_BELOW = 0.3  # eagle3-stop: a row stops drafting once its chain's draft probability is below this
 MAX_LEN = 32
 TEMPERATURES = (0.2, 1.0)
 
@@ -88,7 +91,7 @@ HEADED = ("model", "eagle-chain", "eagle-tree", "eagle3-chain", "eagle3-tree", "
 CASES = ([(name, None, t, SAMPLES) for name in HEADLESS for t in TEMPERATURES]
          + [(name, head, t, SAMPLES) for name in HEADED for head in ("peaked", "flat") for t in TEMPERATURES]
          + [("model", "medium", 0.2, SAMPLES), ("eagle-tree", "medium", 1.0, SAMPLES),
-            ("block", "medium", 0.2, SAMPLES)])
+            ("block", "medium", 0.2, SAMPLES), ("eagle3-stop", "medium", 1.0, SAMPLES)])
 BATCH_ONE_CHI = [("suffix", None, t, SAMPLES) for t in TEMPERATURES]  # chi-square at batch 1 as well
 TWO_TURN_SAMPLES = 2048
 NUM_TESTS = len(CASES) + len(BATCH_ONE_CHI) + 1  # the chi-square tests of this file (two-turn included)
@@ -222,6 +225,7 @@ def make_drafter(name: str, head: str | None, target):
         return BlockDrafter(hd.eval().requires_grad_(False), frozen, "block", MAX_LEN, target.device)
     variant, shape = name.split("-")
     tree = TREE if shape == "tree" else None
+    stop = STOP_BELOW if shape == "stop" else 0.0
     if variant == "eagle3":  # its own (restricted) vocabulary and final norm: q is 0 outside it
         hd, frozen = random_head(target, "eagle3", draft_vocab=V - 2, seed=5)
         with torch.no_grad():
@@ -229,7 +233,7 @@ def make_drafter(name: str, head: str | None, target):
     else:
         hd, _ = random_head(target, "eagle", seed=4)
         frozen = scaled_frozen(target, scale)
-    return EagleDrafter(hd, frozen, variant, tree, MAX_LEN, target.device)
+    return EagleDrafter(hd, frozen, variant, tree, MAX_LEN, target.device, stop)
 
 
 def watch_q(drafter) -> list[float]:
@@ -290,6 +294,8 @@ def check_exercised(case, run: Run, batch_size: int) -> None:
     rejected = [s for s in drafted if not s["cut"] and s["accepted"] < s["depth"]]  # a recovered token
     assert drafted and rejected and any(s["accepted"] > 0 for s in drafted), \
         f"{case_id(case)}: {len(drafted)} drafting steps, {len(rejected)} with a rejection"
+    if name.endswith("-stop"):  # the stopping rule acted: steps drafted none, some and all K tokens
+        assert {s["depth"] for s in run.steps} == set(range(K + 1)), sorted({s["depth"] for s in run.steps})
     if batch_size > 1:
         assert max(run.sizes) == batch_size and min(run.sizes) < batch_size, sorted(set(run.sizes))
     if head is not None:
@@ -317,7 +323,7 @@ def first_three_test(case, batch_size):
 @pytest.mark.parametrize("case", params())
 def test_first_three_tokens_follow_the_target(case):
     """Batch 4 (rows refilled as they finish, then the batch shrinks), 2048 samples: the first three tokens'
-    joint equals the target's at T. Smallest detectable shift, one bin, power 0.5, alpha 1e-4/38/4: 1.82
+    joint equals the target's at T. Smallest detectable shift, one bin, power 0.5, alpha 1e-4/39/4: 1.82
     percentage points (the target's p_T is the same at both temperatures; computed and asserted <= 2 pp)."""
     first_three_test(case, BATCH)
 
@@ -356,7 +362,7 @@ def test_two_turns_follow_the_target():
     peaked q at T = 1, 2048 prompts at batch 4: the joint of the four tokens equals
     p(a1, a2 | PROMPT) * p(b1, b2 | PROMPT_B). Turn 2 does not read turn 1's answer (encode_two_turns), so
     the exact joint is a product; a turn that reuses the previous turn's uniforms correlates them.
-    Smallest detectable shift, one bin, power 0.5, alpha 1e-4/38/5: 1.59 percentage points (computed and
+    Smallest detectable shift, one bin, power 0.5, alpha 1e-4/39/5: 1.59 percentage points (computed and
     asserted <= 2 pp)."""
     t, n = 1.0, TWO_TURN_SAMPLES
     target, model = target_at(t)

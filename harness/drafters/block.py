@@ -48,7 +48,7 @@ class BlockDrafter(EagleDrafter):
         B, K = out.shape[0], ctx.k
         if K > self.room:
             raise UserError(f"--k {K} exceeds the block head's draft room ({self.room})")
-        tok, q = self._draw(out, ctx, self.lengths)  # draft 1: [B], [B, V] (None when nothing reads q)
+        tok, q, _ = self._draw(out, ctx, self.lengths)  # draft 1: [B], [B, V] (None when nothing reads q)
         if K == 1:
             return Proposal(tokens=tok[:, None], q=None if q is None else q[:, None])
         base = self.lengths
@@ -56,7 +56,7 @@ class BlockDrafter(EagleDrafter):
         vis = torch.ones(J, J, device=self.device).tril().bool()[None].expand(B, J, J)  # query j sees 1..j
         pos = base[:, None] + torch.arange(J, device=self.device)[None]  # [B, J]
         h = self._run_queries(out[:, None].expand(B, J, -1), pos, pos, region_mask(base, vis, S))  # [B, J, H]
-        toks, qs = self._draw(h, ctx, pos + 1)  # [B, J], [B, J, V]
+        toks, qs, _ = self._draw(h, ctx, pos + 1)  # [B, J], [B, J, V]
         return Proposal(tokens=torch.cat([tok[:, None], toks], 1),
                         q=None if q is None else torch.cat([q[:, None], qs], 1))
 

@@ -21,6 +21,7 @@ the committed length, are simply overwritten (a pointer move, no copy).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -82,8 +83,9 @@ class EagleDrafter(Drafter):
     has_q = True
 
     def __init__(self, head: EagleHead, frozen: Frozen, name: str, tree: TreeShape | None, max_len: int,
-                 device: torch.device):
+                 device: torch.device, stop_below: float = 0.0):
         self.head, self.frozen, self.name, self.tree = head, frozen, name, tree
+        self.stop_below = stop_below  # chains: stop a row's drafts below this chain probability (0: always K)
         self.hidden_layers = tuple(head.cfg.layers)
         self.device = device
         self.room = max((tree.depth - 1) * tree.top_k if tree else 0, 64)  # draft slots past the committed rows
@@ -106,16 +108,26 @@ class EagleDrafter(Drafter):
     def _logits(self, out):
         return self.head.to_target_vocab(self.head.logits(out, self.frozen))  # [.., V]
 
-    def _draw(self, out, ctx: DraftContext, positions):
-        """(tokens [..], q [.., V] or None) from head outputs [.., H]. When nothing reads q (greedy, no
-        meter: ctx.want_q False) the argmax is taken over the draft vocabulary and mapped to target ids,
-        without the full-vocabulary scatter and softmax: the same token (draft ids ascend with target ids,
-        so ties resolve alike)."""
+    def _draw(self, out, ctx: DraftContext, positions, confidence: bool = False):
+        """(tokens [..], q [.., V] or None, confidence or None) from head outputs [.., H]. When nothing
+        reads q (greedy, no meter: ctx.want_q False) the argmax is taken over the draft vocabulary and mapped
+        to target ids, without the full-vocabulary scatter and softmax: the same token (draft ids ascend
+        with target ids, so ties resolve alike). confidence: (log of q's largest entry, log q(token)) [..]
+        each, q being the distribution the token was drawn from (over the draft vocabulary, at its
+        temperature); at T = 0 the two are equal."""
         if ctx.temperature == 0 and not ctx.want_q:
             logits = self.head.logits(out, self.frozen)
-            ids = logits.argmax(-1)  # full vocabulary (eagle): already target ids
-            return (ids if logits.shape[-1] == self.head.cfg.vocab_size else self.head.target_ids()[ids]), None
-        return sample_or_argmax(self._logits(out), ctx.temperature, ctx.draft_keys, positions)
+            top = logits.max(-1)
+            ids = top.indices  # full vocabulary (eagle): already target ids
+            ids = ids if logits.shape[-1] == self.head.cfg.vocab_size else self.head.target_ids()[ids]
+            if not confidence:
+                return ids, None, None
+            best = top.values.float() - torch.logsumexp(logits.float(), -1)
+            return ids, None, (best, best)
+        tok, q = sample_or_argmax(self._logits(out), ctx.temperature, ctx.draft_keys, positions)
+        if not confidence:
+            return tok, q, None
+        return tok, q, (torch.log(q.max(-1).values), torch.log(q.gather(-1, tok[..., None])[..., 0]))
 
     def _span(self) -> int:
         """Attention span for the whole step: committed rows, pending rows and draft rows (host mirror)."""
@@ -221,6 +233,15 @@ class EagleDrafter(Drafter):
 
     # -- chains ---------------------------------------------------------------------------------------------
     def _chain(self, ctx: DraftContext, out: torch.Tensor, S: int) -> Proposal:
+        """K = ctx.k draft tokens per row, each from the head's output at the one before. With stop_below
+        > 0 a row proposes draft j only while q_1(x_1) * .. * q_{j-1}(x_{j-1}) * max q_j >= stop_below (the
+        head's own estimate that the chain through draft j is accepted; greedily, the product of its
+        drafts' probabilities), and the step ends when every row has stopped: rows draft 0..K tokens
+        (ragged), so a step spends head forwards and verify width only on drafts likely to be kept.
+        Verification stays exact because the decision on draft j reads the earlier drafts and q_j's
+        distribution but never x_j itself: x_j, once proposed, is still a draw from q_j. (Deciding on
+        q_j(x_j) would keep only x_j's of high q and bias what verification accepts: the chi-square of
+        tests/test_lossless.py fails at once with that rule; tested also: greedy outputs equal ar's.)"""
         B, K = out.shape[0], ctx.k
         if K > self.room:
             raise UserError(f"--k {K} exceeds the eagle head's draft room ({self.room})")
@@ -228,15 +249,33 @@ class EagleDrafter(Drafter):
         vis = torch.zeros(B, 1, K, dtype=torch.bool, device=self.device)
         feat = out  # [B, H]
         toks, qs = [], []
+        stop = self.stop_below > 0
+        if stop:
+            floor = math.log(self.stop_below)
+            chain_logq = torch.zeros(B, device=self.device)  # log of the product of q(draft) so far
+            n = torch.zeros(B, dtype=torch.long, device=self.device)  # drafts each row keeps
         for j in range(K):
-            tok, q = self._draw(feat, ctx, base + j)  # [B], [B, V] or None
+            tok, q, conf = self._draw(feat, ctx, base + j, confidence=stop)  # [B], [B, V] or None, ([B], [B])
+            if stop:
+                best, drawn = conf
+                going = (chain_logq + best >= floor) & (n == j)  # a row that stopped stays stopped
+                if not bool(going.any()):
+                    break
+                n = n + going
+                chain_logq = chain_logq + drawn
             toks.append(tok)
             qs.append(q)
             if j + 1 < K:
                 vis[:, 0, j] = True  # draft row j sees rows 0..j
                 pos = (base + j)[:, None]
                 feat = self._run(tok[:, None], feat[:, None], pos, pos, region_mask(base, vis, S))[:, 0]
-        return Proposal(tokens=torch.stack(toks, 1), q=None if qs[0] is None else torch.stack(qs, 1))  # q [B, K, V]
+        if not stop:
+            return Proposal(tokens=torch.stack(toks, 1), q=None if qs[0] is None else torch.stack(qs, 1))  # q [B, K, V]
+        if not toks:  # no row drafts: the step verifies only the bonus token (an ar step)
+            return Proposal(tokens=torch.zeros(B, 0, dtype=torch.long, device=self.device),
+                            num_draft=n, num_draft_host=[0] * B)
+        return Proposal(tokens=torch.stack(toks, 1), q=None if qs[0] is None else torch.stack(qs, 1),
+                        num_draft=n, num_draft_host=n.tolist())
 
     # -- EAGLE-2 trees --------------------------------------------------------------------------------------
     def _tree(self, ctx: DraftContext, out: torch.Tensor, S: int) -> Proposal:
@@ -387,4 +426,10 @@ def build_eagle(name: str, target, cfg) -> EagleDrafter:
     folder = head_folder(name, target, cfg)
     head = load_head(folder, target, name)
     frozen = Frozen.of(target)
-    return EagleDrafter(head, frozen, name, tree_shape(cfg, target.device), target.max_len, target.device)
+    tree = tree_shape(cfg, target.device)
+    if cfg.stop_below and tree is not None:
+        raise UserError(f"stop_below applies to chains ({name}:k=K:total_tokens=0:stop_below=P); a tree already "
+                        "keeps its most probable nodes: drop stop_below or pass total_tokens=0")
+    if not 0 <= cfg.stop_below < 1:
+        raise UserError(f"stop_below must be in [0, 1), got {cfg.stop_below}")
+    return EagleDrafter(head, frozen, name, tree, target.max_len, target.device, cfg.stop_below)
