@@ -17,6 +17,10 @@ export SPEC_HARNESS_VLLM_VENV := $(abspath $(VLLM_VENV))
 TF_OLDEST := $(shell sed -n 's/.*"transformers>=\([0-9.]*\)[,"].*/\1/p' pyproject.toml)
 TF_OLDEST_DIR := $(VENV)/transformers-$(TF_OLDEST)
 
+# The tests run one torch thread each (tests/conftest.py), so two pytest workers use both of CI's cores; a
+# file's tests stay on one worker (module fixtures, and checks that compare a file's earlier cases).
+PYTEST_PARALLEL ?= -n 2 --dist loadfile
+
 .PHONY: bench test test-fast bench-kernels bench-gpu clean-venv transformers-oldest vllm-venv
 
 $(STAMP): pyproject.toml
@@ -51,10 +55,10 @@ $(TF_OLDEST_DIR)/.installed: pyproject.toml | $(STAMP)
 transformers-oldest: $(TF_OLDEST_DIR)/.installed
 
 test: $(STAMP) $(TF_OLDEST_DIR)/.installed $(VLLM_STAMP)
-	SPEC_HARNESS_TRANSFORMERS_OLDEST=$(TF_OLDEST_DIR) $(PY) -m pytest -q
+	SPEC_HARNESS_TRANSFORMERS_OLDEST=$(TF_OLDEST_DIR) $(PY) -m pytest -q $(PYTEST_PARALLEL)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_PARALLEL)
 
 # On the GPU machine (benchmarks/gpu_stage.md): command A (no model: environment, attention probe,
 # pytest -m gpu, kernels), then command B (the model: floor, humaneval, trees, profile, batch, meter).
