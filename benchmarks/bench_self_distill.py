@@ -20,6 +20,7 @@ import time
 import torch
 
 from harness.drafters.heads import default_layers
+from harness.targets.chat import eos_ids
 from harness.targets.loading import load_target
 from harness.training import distill
 from harness.training.sharegpt import _template, conversations
@@ -45,7 +46,7 @@ def main() -> None:
             prompts.append(ids)
         if len(prompts) == a.prompts:
             break
-    eos = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")} - {None}
+    eos = eos_ids(target)  # what train-head's self-distillation stops on
     layers = tuple(default_layers("eagle3", target.num_layers))
     versions = [("current", distill)]
     if a.vs:

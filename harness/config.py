@@ -39,7 +39,7 @@ class RunConfig:
     depth: int | None = None  # eagle trees: draft depth
     top_k: int | None = None  # eagle trees: children per expanded node
     total_tokens: int | None = None  # eagle trees: nodes verified per step
-    stop_below: float = 0.0  # eagle chains: a row stops drafting once its chain's draft probability < this (0: K always)
+    stop_below: float = 0.0  # eagle chains: a row drafts on while its chain's draft probability (next draft's best) >= this (0: K always)
     warmup: int = 1  # warm-up prompts per drafter before timing (not recorded)
     batch_size: int = 1
     fast: bool | None = None  # CUDA graphs on the native backend (default: on for CUDA)

@@ -59,8 +59,8 @@ def register(sub) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--total-tokens", type=int, default=None)
     p.add_argument("--stop-below", type=float, default=None,
-                   help="eagle/eagle3 chains: a row stops drafting once the product of the head's probabilities "
-                        "of its drafts falls below P (0, the default: always --k)")
+                   help="eagle/eagle3 chains: a row proposes its next draft only while the head's probability of "
+                        "its chain so far times its next q's largest entry is >= P (0, the default: always --k)")
     p.add_argument("--vllm-head", default=None,
                    help="vllm-eagle3: a head folder in vLLM's EAGLE-3 layout (default: the shipped one)")
     p.add_argument("--vllm-tensor-parallel-size", type=int, default=None,

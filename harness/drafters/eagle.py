@@ -269,13 +269,12 @@ class EagleDrafter(Drafter):
                 vis[:, 0, j] = True  # draft row j sees rows 0..j
                 pos = (base + j)[:, None]
                 feat = self._run(tok[:, None], feat[:, None], pos, pos, region_mask(base, vis, S))[:, 0]
+        # no row drafting (a stop at draft 1): zero tokens, the step verifies only the bonus token (an ar step)
+        tokens = torch.stack(toks, 1) if toks else torch.zeros(B, 0, dtype=torch.long, device=self.device)
+        q = torch.stack(qs, 1) if toks and qs[0] is not None else None  # [B, K, V]
         if not stop:
-            return Proposal(tokens=torch.stack(toks, 1), q=None if qs[0] is None else torch.stack(qs, 1))  # q [B, K, V]
-        if not toks:  # no row drafts: the step verifies only the bonus token (an ar step)
-            return Proposal(tokens=torch.zeros(B, 0, dtype=torch.long, device=self.device),
-                            num_draft=n, num_draft_host=[0] * B)
-        return Proposal(tokens=torch.stack(toks, 1), q=None if qs[0] is None else torch.stack(qs, 1),
-                        num_draft=n, num_draft_host=n.tolist())
+            return Proposal(tokens=tokens, q=q)
+        return Proposal(tokens=tokens, q=q, num_draft=n, num_draft_host=n.tolist())
 
     # -- EAGLE-2 trees --------------------------------------------------------------------------------------
     def _tree(self, ctx: DraftContext, out: torch.Tensor, S: int) -> Proposal:
