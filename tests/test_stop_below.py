@@ -1,7 +1,7 @@
 """Chains that stop on the head's confidence (`eagle3:k=K:stop_below=P`): a row keeps drafting while the
 product of the head's probabilities of its drafts stays >= P. The rule as written (tokens = a prefix of
 the full chain, its length from the head's own q), output equal to ar's at T = 0 at batch 1 and 4, and the
-refusals. The distribution at T > 0 is chi-squared in test_lossless (case eagle3-stop)."""
+refusals. The distribution at T > 0 is chi-squared in test_lossless_b (case eagle3-stop)."""
 
 import math
 
