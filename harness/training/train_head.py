@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from harness.errors import UserError
 from harness.records import check_out_dir
-from harness.drafters.heads import EagleHead, Frozen, config_for_target, init_head, save_head
+from harness.drafters.heads import EagleHead, Frozen, config_for_target, init_head, load_head, read_config, save_head
 from harness.targets.native import rms_norm
 from harness.training.distill import TOPK_P, self_distill  # noqa: F401 (self_distill: part of this module's API)
 
@@ -140,9 +140,7 @@ def validate(args) -> None:
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite exclude each other: pick one")
     if args.init_head:
-        if not (Path(args.init_head) / "config.json").is_file():
-            raise UserError(f"--init-head {args.init_head} is not a head folder (no config.json): pass a folder "
-                            "that train-head or import-head wrote")
+        read_config(args.init_head)  # a missing or malformed folder is refused before any data is made
         if Path(args.init_head).resolve() == out.resolve():
             raise UserError("--init-head and --out are the same folder: write the fine-tuned head elsewhere")
     if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
@@ -151,16 +149,14 @@ def validate(args) -> None:
 
 def _start_head(args, target, cfg) -> nn.Module:
     """--init-head: that folder's head (checked against the target), in fp32 on the CPU and trainable."""
-    from harness.drafters.heads import load_head
-
     head = load_head(args.init_head, target, args.variant)
     if head.cfg.layers != cfg.layers:
         raise UserError(f"--init-head {args.init_head} reads layers {head.cfg.layers}, but this run's features "
                         f"are of layers {cfg.layers}: pass a head trained with the default layers")
-    if args.draft_vocab and args.draft_vocab != (head.cfg.draft_vocab or head.cfg.vocab_size):
-        raise UserError(f"--init-head {args.init_head} has a draft vocabulary of {head.cfg.draft_vocab}, not "
+    size = head.cfg.draft_vocab or head.cfg.vocab_size
+    if args.draft_vocab and args.draft_vocab != size:
+        raise UserError(f"--init-head {args.init_head} has a draft vocabulary of {size}, not "
                         f"--draft-vocab {args.draft_vocab}: drop --draft-vocab to keep the head's")
-    head.inv_freq = head.inv_freq.cpu()
     return head.to("cpu", torch.float32).train().requires_grad_(True)
 
 
@@ -365,9 +361,11 @@ def train_head(args: argparse.Namespace) -> Path:
     if args.variant != "eagle":
         answer_ids = torch.cat([torch.as_tensor(s["ids"])[_answer_mask(s)] for s in train])
         counts = torch.bincount(answer_ids, minlength=cfg.vocab_size)
-    head = init_head(cfg, frozen, args.seed, counts) if not args.init_head else _start_head(args, target, cfg)
     if args.init_head:
+        head = _start_head(args, target, cfg)
         info["init_head"] = str(args.init_head)
+    else:
+        head = init_head(cfg, frozen, args.seed, counts)
     if counts is not None:
         info["draft_vocab_coverage"] = round(float(counts[head.target_ids()].sum() / counts.sum()), 4)
     del target
