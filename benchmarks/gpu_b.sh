@@ -39,8 +39,9 @@ if [ ! -f "$GGUF" ]; then
     exit 1
 fi
 install_wheels
-if [ ! -d harness/heads/smollm2-135m-eagle3 ] && [ -d .gpu/b/heads/smollm2-135m-eagle3 ]; then
-    cp -r .gpu/b/heads/smollm2-135m-eagle3 harness/heads/ && log "setup: the shipped eagle3 head from .gpu/b"
+if [ ! -f harness/heads/smollm2-135m-eagle3/model.safetensors ] && [ -d .gpu/b/heads/smollm2-135m-eagle3 ]; then
+    mkdir -p harness/heads/smollm2-135m-eagle3 && cp -r .gpu/b/heads/smollm2-135m-eagle3/. harness/heads/smollm2-135m-eagle3/ \
+        && log "setup: the shipped eagle3 head from .gpu/b"
 fi
 export SPEC_HARNESS_SMOLLM2_GGUF=$GGUF
 probe_choice=$RESULTS/a/attention-probe/recommend.env

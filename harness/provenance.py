@@ -24,15 +24,16 @@ def read_commit_file(path: Path) -> str | None:
 
 
 def git_commit(root: Path = ROOT) -> str | None:
-    """`git rev-parse HEAD` in root; when git fails, $SPEC_HARNESS_COMMIT, then root/COMMIT, root/.gpu/a/COMMIT."""
+    """$SPEC_HARNESS_COMMIT when set (the GPU scripts set it: the device's copy of the checkout can hold a stale
+    .git); else `git rev-parse HEAD` in root; when git fails, root/COMMIT, then root/.gpu/a/COMMIT."""
+    given = os.environ.get(ENV)
+    if given:
+        return read_commit_file(Path(given)) if Path(given).is_file() else given.strip()
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=root).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         pass
-    given = os.environ.get(ENV)
-    if given:
-        return read_commit_file(Path(given)) if Path(given).is_file() else given.strip()
     for name in COMMIT_FILES:
         found = read_commit_file(root / name)
         if found:

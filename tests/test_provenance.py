@@ -23,3 +23,9 @@ def test_without_git_the_commit_file_is_read(tmp_path, monkeypatch):
     (tmp_path / "elsewhere").write_text("cafe0002\n")
     monkeypatch.setenv(ENV, str(tmp_path / "elsewhere"))
     assert git_commit(tmp_path) == "cafe0002"
+
+
+def test_the_gpu_scripts_commit_wins_over_a_stale_git(monkeypatch):
+    """The device's copy of the checkout can carry a .git whose HEAD is not the code that runs there."""
+    monkeypatch.setenv(ENV, "cafe0003")
+    assert git_commit() == "cafe0003"

@@ -177,3 +177,14 @@ def test_linear_carries_the_gradient_while_training():
     w = torch.randn(16, 8, requires_grad=True)
     linear(torch.randn(3, 8), w).sum().backward()
     assert w.grad is not None and w.grad.abs().sum() > 0
+
+
+def test_native_buffers_sit_on_the_weights_device():
+    """A NativeLM is built around a model already placed (on CUDA in practice) and never moved itself, so
+    every buffer it makes must follow the weights (the meta device stands in for CUDA on a CPU machine)."""
+    from conftest import tiny_model
+
+    from harness.targets.native import NativeLM
+
+    lm = NativeLM(tiny_model().to("meta"))
+    assert {b.device.type for b in lm.buffers()} == {"meta"}

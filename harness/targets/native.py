@@ -168,7 +168,8 @@ class NativeLM(nn.Module):
         self.blocks = nn.ModuleList(Block(inner.layers[i], spec, self.attention) for i in layers)
         self.norm = inner.norm.weight
         self.lm_head = hf_model.lm_head
-        self.register_buffer("inv_freq", rope_inv_freq(spec).float(), persistent=False)
+        # on the weights' device: the NativeLM is built around a model already placed, and never moved itself
+        self.register_buffer("inv_freq", rope_inv_freq(spec).float().to(p.device), persistent=False)
 
     @property
     def num_layers(self) -> int:
