@@ -9,8 +9,8 @@ from conftest import tiny_model
 
 from harness.errors import UserError
 from harness.targets import build_target
-from harness.targets.attention import (BACKENDS, ENV, attend, case_inputs, check_backend, choose_attention,
-                                       reference, shape_cases)
+from harness.targets.attention import (BACKENDS, ENV, HEAD_ENV, attend, case_inputs, check_backend, choose_attention,
+                                       head_attention, reference, shape_cases)
 from harness.targets.base import causal_or_tree_mask
 
 CPU_BACKENDS = [b for b in BACKENDS if b not in ("fold-efficient", "fold-cudnn")]  # those two are CUDA kernels
@@ -115,20 +115,53 @@ def test_cuda_choice_works_on_every_shape(dtype, monkeypatch):
     assert check_backend(chosen, dev, dtype, 9, 3, 64) is None
 
 
-def test_eagle_head_layer_uses_the_chosen_backend(monkeypatch):
+def test_head_choice_avoids_cudnn_whatever_the_target_uses(monkeypatch):
+    """Draft heads attend over a cache whose length changes every call: on CUDA never a cuDNN backend (a plan
+    per new shape), even when SPEC_HARNESS_ATTENTION pins the target to one; a CPU keeps sdpa-gqa."""
+    attention = importlib.import_module("harness.targets.attention")
+    monkeypatch.delenv(HEAD_ENV, raising=False)
+    monkeypatch.setenv(ENV, "sdpa-gqa")
+    assert head_attention(torch.device("cpu"), torch.float32, 9, 3, 64) == "sdpa-gqa"
+    tried = []
+    works = {"fold-efficient": False, "manual": True, "fold-cudnn": True, "sdpa-gqa": True}
+    monkeypatch.setattr(attention, "check_backend",
+                        lambda b, *a, **k: tried.append(b) or (None if works[b] else "refused"))
+    attention._choose_cuda.cache_clear()
+    try:
+        assert head_attention(torch.device("cuda"), torch.bfloat16, 9, 3, 64) == "manual"
+        assert tried == ["fold-efficient", "manual"]
+        works["fold-efficient"] = True
+        attention._choose_cuda.cache_clear()
+        assert head_attention(torch.device("cuda"), torch.bfloat16, 9, 3, 64) == "fold-efficient"
+        assert choose_attention(torch.device("cuda"), torch.bfloat16, 9, 3, 64) == "sdpa-gqa"  # the target's pin
+        monkeypatch.setenv(HEAD_ENV, "fold-math")
+        assert head_attention(torch.device("cuda"), torch.bfloat16, 9, 3, 64) == "fold-math"
+        monkeypatch.setenv(HEAD_ENV, "flash")
+        with pytest.raises(UserError, match=HEAD_ENV):
+            head_attention(torch.device("cpu"), torch.float32, 9, 3, 64)
+    finally:
+        attention._choose_cuda.cache_clear()
+
+
+@pytest.mark.parametrize("variant", ["eagle", "eagle3"])
+def test_head_layers_use_the_head_backend(variant, monkeypatch):
     from harness.drafters.heads import HeadLayer
     from harness.targets.native import LlamaSpec
 
     spec = LlamaSpec(vocab_size=259, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4, num_kv_heads=2,
                      head_dim=16, rms_eps=1e-6, rope_theta=1e4, rope_scaling=None, attention_bias=False)
-    layer = HeadLayer(spec)
+    if variant == "eagle":
+        layer, module = HeadLayer(spec), importlib.import_module("harness.drafters.heads")
+    else:
+        module = importlib.import_module("harness.drafters.eagle3")
+        layer = module.MidLayer(spec)
     q, k, v, mask = case_inputs(1, 5, 24, 4, 2, 16, "cpu", torch.float32)
-    heads = importlib.import_module("harness.drafters.heads")
-    used, right = [], heads.attend
-    monkeypatch.setattr(heads, "attend", lambda q, k, v, m, b: used.append(b) or right(q, k, v, m, b))
+    used, right = [], module.attend
+    monkeypatch.setattr(module, "attend", lambda q, k, v, m, b: used.append(b) or right(q, k, v, m, b))
+    monkeypatch.setenv(ENV, "fold-math")  # the target's choice: not the heads'
     outs = {}
     for name in ("sdpa-gqa", "manual"):
-        monkeypatch.setenv(ENV, name)
+        monkeypatch.setenv(HEAD_ENV, name)
         outs[name] = layer.attend(q, k, v, mask[:1])  # the head's masks broadcast over the batch
     assert used == ["sdpa-gqa", "manual"]
     torch.testing.assert_close(outs["manual"], outs["sdpa-gqa"], atol=1e-5, rtol=1e-5)

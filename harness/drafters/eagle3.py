@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.targets.attention import attend, head_attention
 from harness.targets.native import LlamaSpec, apply_linear, apply_rope, linear, rms_norm, rope_inv_freq
 
 
@@ -89,8 +90,8 @@ class MidLayer(nn.Module):
 
     def attend(self, q, k, v, mask):
         # q [B, Hq, T, D]; k/v [B, Hkv, S, D]; mask [B or 1, 1, T, S] bool -> [B, Hq, T, D]
-        s = self.spec
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=s.num_heads != s.num_kv_heads)
+        s = self.spec  # the draft heads' backend (harness.targets.attention.head_attention; cached)
+        return attend(q, k, v, mask, head_attention(q.device, q.dtype, s.num_heads, s.num_kv_heads, s.head_dim))
 
     def finish(self, x, att):
         # x [B, T, 2H]; att [B, Hq, T, D] -> the layer's output [B, T, H]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.errors import UserError
-from harness.targets.attention import attend, choose_attention
+from harness.targets.attention import attend, head_attention
 from harness.targets.native import SUPPORTED_MODEL_TYPES, LlamaSpec, apply_linear, apply_rope, linear, rms_norm, rope_inv_freq
 
 VARIANTS = ("eagle", "eagle3", "block")  # block: harness.drafters.block (eagle3 layout + a mask embedding)
@@ -159,8 +159,8 @@ class HeadLayer(nn.Module):
 
     def attend(self, q, k, v, mask):
         # q [B, Hq, T, D]; k/v [B, Hkv, S, D]; mask [B or 1, 1, T, S] bool -> [B, Hq, T, D]
-        s = self.spec  # the backend the target's layers use on this device (harness.targets.attention; cached)
-        return attend(q, k, v, mask, choose_attention(q.device, q.dtype, s.num_heads, s.num_kv_heads, s.head_dim))
+        s = self.spec  # the draft heads' backend (harness.targets.attention.head_attention; cached)
+        return attend(q, k, v, mask, head_attention(q.device, q.dtype, s.num_heads, s.num_kv_heads, s.head_dim))
 
     def finish(self, x, att):
         # x [B, T, H]; att [B, Hq, T, D] -> the layer's output [B, T, H]

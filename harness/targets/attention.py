@@ -40,6 +40,12 @@ CUDA_PREFERENCE = ("fold-efficient", "fold-cudnn", "manual", "sdpa-gqa")  # trie
 PINNED = {"fold-efficient": SDPBackend.EFFICIENT_ATTENTION, "fold-cudnn": SDPBackend.CUDNN_ATTENTION,
           "fold-math": SDPBackend.MATH}
 ENV = "SPEC_HARNESS_ATTENTION"
+# Draft heads attend eagerly over a cache whose length changes from call to call. cuDNN attention builds an
+# execution plan for every new shape: on the H200 (bf16, sdpa-gqa, which is cuDNN there) an eagle3 chain of 2
+# spent 77 or 155 ms drafting a step, one plan per new key length, against 3 ms once the lengths had been
+# seen. So heads take no cuDNN backend on CUDA, whatever the target uses (its fast path has static shapes).
+HEAD_PREFERENCE = ("fold-efficient", "manual")
+HEAD_ENV = "SPEC_HARNESS_HEAD_ATTENTION"
 
 
 def fold_queries(q: torch.Tensor, mask: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,10 +130,25 @@ def check_backend(backend: str, device, dtype, hq: int, hkv: int, d: int, max_le
     return None
 
 
+def head_attention(device: torch.device, dtype: torch.dtype, hq: int, hkv: int, d: int) -> str:
+    """The backend for a draft head's attention (its key length changes every call; see HEAD_PREFERENCE):
+    SPEC_HARNESS_HEAD_ATTENTION when set, `sdpa-gqa` on a CPU, else on CUDA the first of HEAD_PREFERENCE
+    that runs every shape kind and matches the float32 reference."""
+    forced = os.environ.get(HEAD_ENV)
+    if forced:
+        if forced not in BACKENDS:
+            raise UserError(f"{HEAD_ENV}={forced} is not an attention backend: use one of {', '.join(BACKENDS)}")
+        return forced
+    if device.type != "cuda":
+        return "sdpa-gqa"
+    return _choose_cuda(str(device), dtype, hq, hkv, d, HEAD_PREFERENCE)
+
+
 @functools.lru_cache(maxsize=None)
-def _choose_cuda(device: str, dtype: torch.dtype, hq: int, hkv: int, d: int) -> str:
+def _choose_cuda(device: str, dtype: torch.dtype, hq: int, hkv: int, d: int,
+                 preference: tuple[str, ...] = CUDA_PREFERENCE) -> str:
     reasons = []
-    for backend in CUDA_PREFERENCE:
+    for backend in preference:
         why = check_backend(backend, torch.device(device), dtype, hq, hkv, d)
         if why is None:
             return backend
