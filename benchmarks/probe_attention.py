@@ -13,18 +13,23 @@ Candidates: each backend of harness.targets.attention (BACKENDS), and the origin
   status     ok, or the first line of its error
   max_diff   largest |difference| from a float32 attention with repeated heads
   us         median time of --reps calls (CUDA events; perf_counter on a CPU)
+  fresh_us   one call on a key length no earlier call used (the span trimmed by a length of its own): what
+             a backend costs when the length changes every call, as in eager steps and draft heads (cuDNN
+             builds an execution plan per new shape: 77 ms a plan on the H200, README "On an H200")
   kernels    the device kernels one call launches (torch.profiler), count and names
   graph      ok when the call captures into a CUDA graph and its replay equals the eager output
 Writes probe.csv (one row per candidate, dtype, shape), probe.json (the rows, the environment, what
 harness.targets.attention.choose_attention picks here, and the recommendation) and recommend.env
 (`SPEC_HARNESS_ATTENTION=<backend>`: the fastest backend, summed over the shapes, that is ok, within
-tolerance and capturable on every shape in the first of --dtypes, the runs' dtype), and prints a table.
+tolerance and capturable on every shape in the first of --dtypes, the runs' dtype, and on CUDA never takes
+over FRESH_LIMIT_US on a fresh length), and prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import platform
 import statistics
@@ -44,7 +49,10 @@ from harness.targets.attention import (BACKENDS, ENV, attend, case_inputs, choos
 
 SDPA_KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
-COLUMNS = ("candidate", "dtype", "shape", "B", "T", "S", "status", "max_diff", "us", "n_kernels", "kernels", "graph")
+COLUMNS = ("candidate", "dtype", "shape", "B", "T", "S", "status", "max_diff", "us", "fresh_us", "n_kernels", "kernels",
+           "graph")
+FRESH_LIMIT_US = 5000.0  # a backend slower than this on a new key length is not recommended on CUDA
+FRESH = itertools.count(1)  # each fresh call trims the span by a length no earlier call used
 
 
 def candidates() -> dict:
@@ -111,6 +119,20 @@ def graph_check(fn, eager: torch.Tensor, dev: torch.device) -> str:
     return "ok" if torch.equal(out, eager) else "replay differs from eager"
 
 
+def fresh_us(fn, case, dev: torch.device) -> float | None:
+    """µs of one call on a key length never used before (None when the span is too short to trim)."""
+    q, k, v, mask = case
+    S = k.shape[2] - next(FRESH)
+    if S < q.shape[2]:
+        return None
+    args = (q, k[:, :, :S], v[:, :, :S], mask[..., :S])  # a cache view, as the draft heads slice theirs
+    sync(dev)
+    t0 = time.perf_counter()
+    fn(*args)
+    sync(dev)
+    return (time.perf_counter() - t0) * 1e6
+
+
 def probe_one(fn, case, dev: torch.device, dtype: torch.dtype, reps: int) -> dict:
     q, k, v, mask = case
     call = lambda: fn(q, k, v, mask)  # noqa: E731
@@ -118,22 +140,25 @@ def probe_one(fn, case, dev: torch.device, dtype: torch.dtype, reps: int) -> dic
         out = call()
         sync(dev)
     except RuntimeError as e:
-        return dict(status="error: " + str(e).splitlines()[0][:200], max_diff=None, us=None, n_kernels=None,
-                    kernels=None, graph=None)
+        return dict(status="error: " + str(e).splitlines()[0][:200], max_diff=None, us=None, fresh_us=None,
+                    n_kernels=None, kernels=None, graph=None)
     diff = (out.float() - reference(q, k, v, mask)).abs().max().item()
     names = launched_kernels(call, dev)
     return dict(status="ok" if diff <= tolerance(dtype) else f"wrong: max difference {diff:.3g}", max_diff=diff,
-                us=time_us(call, dev, reps), n_kernels=None if names is None else len(names),
+                us=time_us(call, dev, reps), fresh_us=fresh_us(fn, case, dev),
+                n_kernels=None if names is None else len(names),
                 kernels=None if names is None else ";".join(dict.fromkeys(n[:80] for n in names)),
                 graph=graph_check(call, out, dev))
 
 
 def recommend(rows: list[dict], dev: torch.device, dtype: str) -> str | None:
-    """Fastest backend of BACKENDS that is ok (and, on CUDA, capturable) on every shape in `dtype`."""
+    """Fastest backend of BACKENDS that is ok on every shape in `dtype` (on CUDA also capturable, and never
+    over FRESH_LIMIT_US on a fresh key length)."""
     total = {}
     for name in BACKENDS:
         mine = [r for r in rows if r["candidate"] == name and r["dtype"] == dtype]
-        good = mine and all(r["status"] == "ok" and (dev.type != "cuda" or r["graph"] == "ok") for r in mine)
+        good = mine and all(r["status"] == "ok" and (dev.type != "cuda" or (
+            r["graph"] == "ok" and (r.get("fresh_us") or 0.0) <= FRESH_LIMIT_US)) for r in mine)
         if good:
             total[name] = sum(r["us"] for r in mine)
     return min(total, key=total.get) if total else None

@@ -34,6 +34,7 @@ def test_probe_attention_records_every_candidate(tmp_path, monkeypatch):
     by = {(r["candidate"], r["dtype"], r["shape"]): r for r in rows}
     assert by["fold-cudnn", "float32", "decode"]["status"].startswith("error")  # a CUDA kernel, on a CPU
     assert by["manual", "bfloat16", "tree"]["status"] == "ok" and float(by["manual", "bfloat16", "tree"]["us"]) > 0
+    assert float(by["manual", "float32", "decode"]["fresh_us"]) > 0  # timed on a key length of its own
     info = json.loads((out / "probe.json").read_text())
     assert info["choose_attention"] == {"bfloat16": "sdpa-gqa", "float32": "sdpa-gqa"}
     best = info["recommended"]
@@ -51,8 +52,12 @@ def test_probe_flags_a_wrong_backend():
     rows[0]["us"] = 0.5
     rows[1]["status"], rows[1]["us"] = "wrong: max difference 1", 0.1
     assert probe.recommend(rows, torch.device("cuda"), "bfloat16") == rows[0]["candidate"]
+    rows[2]["us"] = 0.2
+    rows[2]["fresh_us"] = 77000.0  # a plan per new key length (cuDNN on the H200)
+    assert probe.recommend(rows, torch.device("cuda"), "bfloat16") == rows[0]["candidate"]
+    assert probe.recommend(rows, torch.device("cpu"), "bfloat16") == rows[2]["candidate"]  # no plans to build there
     rows[0]["graph"] = "error: capture"
-    assert probe.recommend(rows, torch.device("cuda"), "bfloat16") not in (rows[0]["candidate"], rows[1]["candidate"])
+    assert probe.recommend(rows, torch.device("cuda"), "bfloat16") not in [r["candidate"] for r in rows[:3]]
 
 
 def test_copy_bandwidth_is_measured():
