@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -230,6 +231,11 @@ def run(cfg: RunConfig, out: Path | None = None, rank: int = 0, world: int = 1, 
                 rec = Records(out, rec.ar_out, rank, after_prompt)
         else:
             _run_interleaved(cfg, target, drafters, prompts, done, eos, rec, meter, rank, world)
+    except KeyboardInterrupt:  # the finished prompts are kept: so are their divergence lines (a second
+        rec.close()            # interrupt stops those; --resume writes the missing ones)
+        with contextlib.suppress(KeyboardInterrupt):
+            divergences(out, target, cfg, prompts)
+        raise
     finally:
         rec.close()
     divergences(out, target, cfg, prompts)  # outside every timed region

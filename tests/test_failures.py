@@ -167,24 +167,18 @@ def test_meter_observes_outside_the_step(monkeypatch):
     assert inside["observed"] == sum(len(s) for s in got.values()) > 0
 
 
-def test_broken_verifier_makes_diverged_wide_nonzero(tmp_path, monkeypatch):
-    """A tiny target with a scaled LM head has wide top-1 margins; a verifier that accepts every draft
-    diverges there, and the margin gate calls it a bug. With the real verifier both stay 0."""
+def sharp_target(tmp_path):
+    """A tiny target with a scaled LM head: wide top-1 margins."""
     model = tiny_model()
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(6.0)  # tied with the LM head: sharper logits
     model.generation_config.eos_token_id = 257
     model.save_pretrained(tmp_path / "m")
     byte_tokenizer().save_pretrained(tmp_path / "m")
+    return str(tmp_path / "m")
 
-    def go(run_id):
-        cfg = RunConfig(target=str(tmp_path / "m"), backend="native", drafters=("ar", "ngram"),
-                        suite=suite(tmp_path / "q.jsonl"), max_new_tokens=12, k=4, device="cpu", max_len=256,
-                        out=str(tmp_path), run_id=run_id, meter=False, warmup=0)
-        return summarize(runner.run(cfg)).set_index(["drafter", "category"]).loc[("ngram", "all")]
 
-    good = go("good")
-    assert good["diverged"] == 0 and good["diverged_wide"] == 0
+def accept_all_verifier():
     real = step_module.verify_chain
 
     def accept_all(logits, prop, *a, **kw):
@@ -199,8 +193,49 @@ def test_broken_verifier_makes_diverged_wide_nonzero(tmp_path, monkeypatch):
         res.num_accepted = counts.clone()
         return res
 
-    monkeypatch.setattr(step_module, "verify_chain", accept_all)
+    return accept_all
+
+
+def test_broken_verifier_makes_diverged_wide_nonzero(tmp_path, monkeypatch):
+    """A verifier that accepts every draft diverges where the target's margins are wide, and the margin
+    gate calls it a bug. With the real verifier both stay 0."""
+    target = sharp_target(tmp_path)
+
+    def go(run_id):
+        cfg = RunConfig(target=target, backend="native", drafters=("ar", "ngram"),
+                        suite=suite(tmp_path / "q.jsonl"), max_new_tokens=12, k=4, device="cpu", max_len=256,
+                        out=str(tmp_path), run_id=run_id, meter=False, warmup=0)
+        return summarize(runner.run(cfg)).set_index(["drafter", "category"]).loc[("ngram", "all")]
+
+    good = go("good")
+    assert good["diverged"] == 0 and good["diverged_wide"] == 0
+    monkeypatch.setattr(step_module, "verify_chain", accept_all_verifier())
     bad = go("bad")
     assert bad["diverged"] > 0 and bad["diverged_wide"] > 0
     recs = list(read_jsonl(tmp_path / "bad" / "divergence.jsonl"))
     assert recs and all(r["margin"] >= 0 and r["ar_token"] != r["drafter_token"] for r in recs)
+
+
+def test_an_interrupted_run_keeps_the_divergence_of_what_finished(tmp_path, monkeypatch):
+    """Interrupted after two prompts (ar and ngram each), the run still writes those prompts' divergence
+    lines, so the margin gate reads on what finished (the H200's MT-bench run, stopped at its cap, had none)."""
+    target = sharp_target(tmp_path)
+    monkeypatch.setattr(step_module, "verify_chain", accept_all_verifier())
+    real, calls = runner.run_prompt, []
+
+    def stop_on_the_fifth(*a, **kw):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(runner, "run_prompt", stop_on_the_fifth)
+    cfg = RunConfig(target=target, backend="native", drafters=("ar", "ngram"), suite=suite(tmp_path / "q.jsonl"),
+                    max_new_tokens=12, k=4, device="cpu", max_len=256, out=str(tmp_path), run_id="cut",
+                    meter=False, warmup=0)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(cfg)
+    finished = [r for r in read_jsonl(tmp_path / "cut" / "prompts.jsonl") if r["drafter"] == "ngram"]
+    assert len(finished) == 2 and all(r["diverged"] for r in finished)
+    lines = list(read_jsonl(tmp_path / "cut" / "divergence.jsonl"))
+    assert {r["prompt_id"] for r in lines} == {r["prompt_id"] for r in finished}
