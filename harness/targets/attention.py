@@ -134,14 +134,19 @@ def head_attention(device: torch.device, dtype: torch.dtype, hq: int, hkv: int, 
     """The backend for a draft head's attention (its key length changes every call; see HEAD_PREFERENCE):
     SPEC_HARNESS_HEAD_ATTENTION when set, `sdpa-gqa` on a CPU, else on CUDA the first of HEAD_PREFERENCE
     that runs every shape kind and matches the float32 reference."""
-    forced = os.environ.get(HEAD_ENV)
+    return _pick(HEAD_ENV, HEAD_PREFERENCE, device, dtype, hq, hkv, d)
+
+
+def _pick(env: str, preference: tuple[str, ...], device: torch.device, dtype: torch.dtype, hq: int, hkv: int,
+          d: int) -> str:
+    forced = os.environ.get(env)
     if forced:
         if forced not in BACKENDS:
-            raise UserError(f"{HEAD_ENV}={forced} is not an attention backend: use one of {', '.join(BACKENDS)}")
+            raise UserError(f"{env}={forced} is not an attention backend: use one of {', '.join(BACKENDS)}")
         return forced
     if device.type != "cuda":
         return "sdpa-gqa"
-    return _choose_cuda(str(device), dtype, hq, hkv, d, HEAD_PREFERENCE)
+    return _choose_cuda(str(device), dtype, hq, hkv, d, preference)
 
 
 @functools.lru_cache(maxsize=None)
@@ -158,11 +163,4 @@ def _choose_cuda(device: str, dtype: torch.dtype, hq: int, hkv: int, d: int,
 
 def choose_attention(device: torch.device, dtype: torch.dtype, hq: int, hkv: int, d: int) -> str:
     """The backend for a model with these heads on this device (see module docstring)."""
-    forced = os.environ.get(ENV)
-    if forced:
-        if forced not in BACKENDS:
-            raise UserError(f"{ENV}={forced} is not an attention backend: use one of {', '.join(BACKENDS)}")
-        return forced
-    if device.type != "cuda":
-        return "sdpa-gqa"
-    return _choose_cuda(str(device), dtype, hq, hkv, d)
+    return _pick(ENV, CUDA_PREFERENCE, device, dtype, hq, hkv, d)
