@@ -136,3 +136,14 @@ stage late true
     names = subprocess.run(["tar", "-tzf", str(out / "results-t.tar.gz")], capture_output=True, text=True).stdout
     assert "./good/result.txt" in names and "./logs/bad.log" in names
     assert not list(out.glob("*.part"))
+
+
+def test_count_draft_ops_counts_per_call(capsys):
+    """benchmarks/count_draft_ops.py: a longer chain dispatches more operations per proposal."""
+    counter = load("count_draft_ops")
+    per_call = {}
+    for k in (1, 3):
+        assert counter.main(["--k", str(k), "--new-tokens", "12"]) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("propose"))
+        per_call[k] = float(line.split()[3])
+    assert 0 < per_call[1] < per_call[3]
