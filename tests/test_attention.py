@@ -115,6 +115,16 @@ def test_cuda_choice_works_on_every_shape(dtype, monkeypatch):
     assert check_backend(chosen, dev, dtype, 9, 3, 64) is None
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_head_choice_works_on_every_shape(dtype, monkeypatch):
+    monkeypatch.delenv(HEAD_ENV, raising=False)
+    dev = torch.device("cuda")
+    chosen = head_attention(dev, dtype, 9, 3, 64)
+    assert chosen in ("fold-efficient", "manual") and check_backend(chosen, dev, dtype, 9, 3, 64) is None
+
+
 def test_head_choice_avoids_cudnn_whatever_the_target_uses(monkeypatch):
     """Draft heads attend over a cache whose length changes every call: on CUDA never a cuDNN backend (a plan
     per new shape), even when SPEC_HARNESS_ATTENTION pins the target to one; a CPU keeps sdpa-gqa."""
