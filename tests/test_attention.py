@@ -108,21 +108,14 @@ def test_native_target_logits_equal_across_backends(backend, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cuda_choice_works_on_every_shape(dtype, monkeypatch):
-    monkeypatch.delenv(ENV, raising=False)
+@pytest.mark.parametrize("chooser,env,allowed", [(choose_attention, ENV, BACKENDS),
+                                                 (head_attention, HEAD_ENV, ("fold-efficient", "manual"))],
+                         ids=["target", "head"])
+def test_cuda_choice_works_on_every_shape(dtype, chooser, env, allowed, monkeypatch):
+    monkeypatch.delenv(env, raising=False)
     dev = torch.device("cuda")
-    chosen = choose_attention(dev, dtype, 9, 3, 64)
-    assert check_backend(chosen, dev, dtype, 9, 3, 64) is None
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cuda_head_choice_works_on_every_shape(dtype, monkeypatch):
-    monkeypatch.delenv(HEAD_ENV, raising=False)
-    dev = torch.device("cuda")
-    chosen = head_attention(dev, dtype, 9, 3, 64)
-    assert chosen in ("fold-efficient", "manual") and check_backend(chosen, dev, dtype, 9, 3, 64) is None
+    chosen = chooser(dev, dtype, 9, 3, 64)
+    assert chosen in allowed and check_backend(chosen, dev, dtype, 9, 3, 64) is None
 
 
 def test_head_choice_avoids_cudnn_whatever_the_target_uses(monkeypatch):
