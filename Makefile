@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN_ID ?= smollm2-mini-$(shell $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
+MT_RUN_ID ?= $(subst -mini-,-mtbench-,$(RUN_ID))
 BENCH_FLAGS ?=
 # vLLM's own venv (scripts/setup_vllm.sh) for the vLLM peers: `make test` needs it, `make bench` when
 # BENCH_FLAGS names a vllm drafter.
@@ -46,6 +47,9 @@ bench: $(STAMP) $(if $(findstring vllm,$(BENCH_FLAGS)),$(VLLM_STAMP))
 	$(PY) -m harness run --preset bench-cpu --run-id $(RUN_ID) --overwrite $(BENCH_FLAGS)
 	$(PY) -m harness report results/$(RUN_ID)
 	$(PY) -m harness surplus results/$(RUN_ID)
+	$(PY) -m harness run --preset bench-mtbench-cpu --run-id $(MT_RUN_ID) --overwrite $(BENCH_FLAGS)
+	$(PY) benchmarks/turns.py results/$(MT_RUN_ID)
+	$(PY) -m harness report results/$(MT_RUN_ID)
 
 $(TF_OLDEST_DIR)/.installed: pyproject.toml | $(STAMP)
 	rm -rf $(TF_OLDEST_DIR)

@@ -59,6 +59,10 @@ PRESETS: dict[str, dict] = {
     # trie warmed with SmolLM2's answers to other prompts (harness/suites/suffix_corpus_smollm2.jsonl)
     "suffix-cpu": dict(suite="mini", per_category=2, max_new_tokens=64, k=5, suffix_corpus="smollm2",
                        drafters=("ar", "ngram", "suffix", "selfspec")),
+    # `make bench`'s second run (issue 14): the shipped eagle3 head's best chain and tree against ar on MT-bench,
+    # one question per category, both turns, fp32, greedy; the meter off (a drafter-only comparison)
+    "bench-mtbench-cpu": dict(suite="mt-bench", per_category=1, max_new_tokens=64, dtype="float32", meter=False,
+                              drafters=("ar", "eagle3:k=2:total_tokens=0", "eagle3:depth=3:top_k=2:total_tokens=4")),
     # EAGLE heads on MT-bench (two turns) on a CPU: the shipped eagle3 head against ar and eagle
     "mtbench-cpu": dict(suite="mt-bench", per_category=2, max_new_tokens=128, drafters=("ar", "eagle", "eagle3")),
     # the GPU comparison of the core issue

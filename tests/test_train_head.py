@@ -159,6 +159,10 @@ def test_train_head_on_sharegpt_features_resumes_exactly(tmp_path, tiny_dir, mon
     assert log["data"] == "sharegpt" and set(log["heldout_accuracy"]["by_mode"]) == {"self", "teacher"}
     assert log["dropped_for_suite_overlap"] == {"teacher": 0, "self": 0} and 0 < log["draft_vocab_coverage"] <= 1
     assert not (tmp_path / "a" / "checkpoint.pt").exists()
+    assert log["feature_key"]["dtype"] == "float32"
+    # a bf16 target's features differ from an fp32 one's: the folder is not reused across dtypes
+    assert main(common + ["--out", str(tmp_path / "c"), "--dtype", "bfloat16"]) == 2
+    assert not list((tmp_path / "feat").glob("*.pt.tmp"))
     target = load_target(str(tiny_dir), backend="native", device="cpu", dtype="float32", max_len=256)
     head = load_head(tmp_path / "a", target, "eagle3")
     ref = decode(target, AR(), PROMPT, max_new_tokens=16, k=3, temperature=0, seed=0, eos_ids=set()).new_ids

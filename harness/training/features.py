@@ -184,7 +184,10 @@ def load(folder: str | Path, modes=MODES, tokenizer=None) -> tuple[list[dict], l
     return train, held, info
 
 
-def feature_key(fingerprint: str, layers, max_len: int, max_new_tokens: int, seed: int) -> dict:
-    """What features depend on: a folder holds features of one key only."""
+def feature_key(fingerprint: str, layers, max_len: int, max_new_tokens: int, seed: int,
+                dtype: str = "float32") -> dict:
+    """What features depend on: a folder holds features of one key only. `dtype` is the target's while
+    extracting (a bf16 target's hidden states and answers differ from an fp32 one's)."""
     return dict(source="sharegpt", fingerprint=fingerprint, layers=list(layers), max_len=max_len,
-                max_new_tokens=max_new_tokens, seed=seed, topk=TOPK, holdout_every=HOLDOUT_EVERY)
+                max_new_tokens=max_new_tokens, seed=seed, topk=TOPK, holdout_every=HOLDOUT_EVERY,
+                dtype=dtype)

@@ -537,7 +537,8 @@ def _sharegpt_data(acc, args, target, cfg):
     from harness.training import features
 
     folder = Path(args.features) if args.features else default_features_dir(target.name)
-    key = features.feature_key(cfg.fingerprint, cfg.layers, args.max_len, args.max_new_tokens, args.seed)
+    key = features.feature_key(cfg.fingerprint, cfg.layers, args.max_len, args.max_new_tokens, args.seed,
+                               dtype=str(target.dtype).removeprefix("torch."))
     t0 = time.perf_counter()
     budgets = dict(teacher=args.tokens, self=args.self_tokens)
     before = {m: features.progress(folder, m)["tokens"] for m in features.MODES}
