@@ -39,6 +39,7 @@ class RunConfig:
     depth: int | None = None  # eagle trees: draft depth
     top_k: int | None = None  # eagle trees: children per expanded node
     total_tokens: int | None = None  # eagle trees: nodes verified per step
+    head_dtype: str | None = None  # eagle, eagle3 on a CPU: float32 | bfloat16, the dtype the head drafts in (default: the target's)
     stop_below: float = 0.0  # eagle chains: a row drafts on while its chain's draft probability (next draft's best) >= this (0: K always)
     warmup: int = 1  # warm-up prompts per drafter before timing (not recorded)
     batch_size: int = 1
@@ -60,9 +61,11 @@ PRESETS: dict[str, dict] = {
     "suffix-cpu": dict(suite="mini", per_category=2, max_new_tokens=64, k=5, suffix_corpus="smollm2",
                        drafters=("ar", "ngram", "suffix", "selfspec")),
     # `make bench`'s second run (issue 14): the shipped eagle3 head's best chain and tree against ar on MT-bench,
-    # one question per category, both turns, fp32, greedy; the meter off (a drafter-only comparison)
+    # one question per category, both turns, fp32 target, greedy; the meter off (a drafter-only comparison). The
+    # chain of 2 with the head in fp32 and in bf16 (head_dtype: a CPU option, its products cost about half)
     "bench-mtbench-cpu": dict(suite="mt-bench", per_category=1, max_new_tokens=64, dtype="float32", meter=False,
-                              drafters=("ar", "eagle3:k=2:total_tokens=0", "eagle3:depth=3:top_k=2:total_tokens=4")),
+                              drafters=("ar", "eagle3:k=2:total_tokens=0", "eagle3:k=2:total_tokens=0:head_dtype=bfloat16",
+                                        "eagle3:depth=3:top_k=2:total_tokens=4:head_dtype=bfloat16")),
     # EAGLE heads on MT-bench (two turns) on a CPU: the shipped eagle3 head against ar and eagle
     "mtbench-cpu": dict(suite="mt-bench", per_category=2, max_new_tokens=128, drafters=("ar", "eagle", "eagle3")),
     # the GPU comparison of the core issue

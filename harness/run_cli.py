@@ -61,6 +61,9 @@ def register(sub) -> None:
     p.add_argument("--stop-below", type=float, default=None,
                    help="eagle/eagle3 chains: a row proposes its next draft only while the head's probability of "
                         "its chain so far times its next q's largest entry is >= P (0, the default: always --k)")
+    p.add_argument("--head-dtype", choices=("float32", "bfloat16"), default=None,
+                   help="eagle/eagle3 on a CPU: the dtype the head drafts in (default: the target's; bfloat16 "
+                        "halves a draft step's products where the CPU has bf16 ones; verification stays the target's)")
     p.add_argument("--vllm-head", default=None,
                    help="vllm-eagle3: a head folder in vLLM's EAGLE-3 layout (default: the shipped one)")
     p.add_argument("--vllm-tensor-parallel-size", type=int, default=None,
@@ -85,7 +88,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     for key in ("target", "backend", "drafters", "suite", "limit", "per_category", "max_new_tokens", "temperature",
                 "seed", "device", "dtype", "max_len", "out", "run_id", "verify_backend", "meter_base", "layerskip_layers",
                 "skip_layers", "suffix_max_nodes", "suffix_alpha", "suffix_corpus", "suffix_verify_cost", "draft_model",
-                "head", "depth", "top_k", "total_tokens", "stop_below", "warmup", "batch_size", "device_map"):
+                "head", "depth", "top_k", "total_tokens", "stop_below", "head_dtype", "warmup", "batch_size", "device_map"):
         v = getattr(args, key)
         if v is not None:
             values[key] = v

@@ -330,3 +330,39 @@ def test_shipped_smollm2_head_batched_equals_ar():
     ref = outputs(AR(), "ar", 1)
     for cfg in (RunConfig(), RunConfig(depth=4, top_k=3, total_tokens=8)):
         assert outputs(build_drafter("eagle", target, cfg), "eagle", 4) == ref
+
+
+@pytest.mark.parametrize("variant", ["eagle", "eagle3"])
+def test_a_bf16_head_drafts_beside_an_fp32_target(tmp_path, variant):
+    """head_dtype=bfloat16 (a CPU option): the head's weights, its cache and the embedding it reads are bf16
+    while the fp32 target verifies. Greedy output equals ar's, chains and trees, and the eagle oracle's
+    drafts are still accepted (a head fed the wrong dtype or the wrong features would not be)."""
+    model = one_layer_model(0.05)
+    target = build_target(model, None, "tiny", "native", max_len=256)
+    head, _ = oracle_head(target, "eagle", model) if variant == "eagle" else random_head(target, "eagle3", 100)
+    save_head(head, tmp_path / "h", dtype=torch.float32)
+    ref = run(target, AR()).new_ids
+    accepted = {}
+    for head_dtype in ("float32", "bfloat16"):
+        for shape in (dict(total_tokens=0), dict(depth=4, top_k=3, total_tokens=9)):
+            drafter = build_eagle(variant, target, RunConfig(head=str(tmp_path / "h"), head_dtype=head_dtype, **shape))
+            want = getattr(torch, head_dtype)
+            assert drafter.head.layer.wq.weight.dtype == want if variant == "eagle" else \
+                drafter.head.fc.weight.dtype == want
+            assert drafter.frozen.embed.dtype == want and target.dtype == torch.float32
+            out = run(target, drafter)
+            assert out.new_ids == ref, (head_dtype, shape)
+            assert drafter.k_cache.dtype == want
+            accepted[head_dtype, len(shape)] = sum(s["accepted"] for s in out.steps)
+    if variant == "eagle":  # the oracle drafts well in either dtype
+        assert min(accepted.values()) > 10, accepted
+    with pytest.raises(UserError, match="head_dtype must be"):
+        build_eagle(variant, target, RunConfig(head=str(tmp_path / "h"), head_dtype="float16"))
+
+
+def test_head_dtype_is_an_eagle_setting():
+    from harness.drafters import parse_variant
+
+    assert parse_variant("eagle3:k=2:head_dtype=bfloat16") == ("eagle3", {"k": 2, "head_dtype": "bfloat16"})
+    with pytest.raises(UserError, match="head_dtype is for eagle"):
+        parse_variant("ngram:head_dtype=bfloat16")

@@ -37,10 +37,11 @@ kept from earlier rounds because each caught a bug, medium: the draft model at T
 head at T = 0.2 (q's median top entry 0.48: block drafts 2..K reporting q at T = 1 fail here, while its
 peaked and flat q hardly change between temperatures); and the eagle3 chain that stops on the head's
 confidence (stop_below, T = 1: rows draft 0, 1 or 2 tokens depending on their own draws, asserted), whose
-ragged stopping must not bias what is kept. One-hot
+ragged stopping must not bias what is kept; and the eagle3 chain drafting in bf16 beside the fp32 target
+(head_dtype=bfloat16, T = 1). One-hot
 drafters (ngram, suffix) and self-drafters (layerskip, selfspec) have no head kind.
 
-Coverage (CASES): the full product drafter x T in {0.2, 1.0} x head kind, plus the four medium cases. Each run
+Coverage (CASES): the full product drafter x T in {0.2, 1.0} x head kind, plus the five medium cases. Each run
 must draft, accept and reject (asserted from its step records), so a configuration that silently never drafts
 fails. The prompt repeats itself, so ngram and suffix always find a match to propose.
 """
@@ -91,7 +92,8 @@ HEADED = ("model", "eagle-chain", "eagle-tree", "eagle3-chain", "eagle3-tree", "
 CASES = ([(name, None, t, SAMPLES) for name in HEADLESS for t in TEMPERATURES]
          + [(name, head, t, SAMPLES) for name in HEADED for head in ("peaked", "flat") for t in TEMPERATURES]
          + [("model", "medium", 0.2, SAMPLES), ("eagle-tree", "medium", 1.0, SAMPLES),
-            ("block", "medium", 0.2, SAMPLES), ("eagle3-stop", "medium", 1.0, SAMPLES)])
+            ("block", "medium", 0.2, SAMPLES), ("eagle3-stop", "medium", 1.0, SAMPLES),
+            ("eagle3-bf16", "medium", 1.0, SAMPLES)])
 BATCH_ONE_CHI = [("suffix", None, t, SAMPLES) for t in TEMPERATURES]  # chi-square at batch 1 as well
 TWO_TURN_SAMPLES = 2048
 NUM_TESTS = len(CASES) + len(BATCH_ONE_CHI) + 1  # the chi-square tests of this file and _b (two-turn included)
@@ -236,6 +238,8 @@ def make_drafter(name: str, head: str | None, target):
     else:
         hd, _ = random_head(target, "eagle", seed=4)
         frozen = scaled_frozen(target, scale)
+    if shape == "bf16":  # head_dtype=bfloat16: the head drafts in bf16, the fp32 target verifies
+        hd, frozen = hd.to(torch.bfloat16), frozen.to(torch.bfloat16)
     return EagleDrafter(hd, frozen, variant, tree, MAX_LEN, target.device, stop)
 
 

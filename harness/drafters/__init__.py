@@ -32,7 +32,7 @@ DRAFTERS = {
 }
 
 
-VARIANT_OPTIONS = {"k": int, "depth": int, "top_k": int, "total_tokens": int, "stop_below": float, "head": str,
+VARIANT_OPTIONS = {"k": int, "depth": int, "top_k": int, "total_tokens": int, "stop_below": float, "head": str, "head_dtype": str,
                    "suffix_max_nodes": int, "suffix_alpha": float, "layerskip_layers": int}
 
 
@@ -61,6 +61,8 @@ def parse_variant(spec: str) -> tuple[str, dict]:
                             f"got '{raw}'") from None
     if "stop_below" in values and base not in ("eagle", "eagle3"):
         raise UserError(f"drafter '{spec}': stop_below is for eagle and eagle3 chains, not {base}")
+    if "head_dtype" in values and base not in ("eagle", "eagle3"):
+        raise UserError(f"drafter '{spec}': head_dtype is for eagle and eagle3, not {base}")
     if values and base == "ar":
         raise UserError(f"drafter '{spec}': ar takes no settings (it is the baseline)")
     if "k" in values and not 1 <= values["k"] <= 64:

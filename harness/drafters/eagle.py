@@ -420,11 +420,28 @@ class EagleDrafter(Drafter):
                         num_nodes=n_live, bounds=greedy.bounds)  # padding: token 0, q 0, parent -1, depth 0
 
 
+HEAD_DTYPES = ("float32", "bfloat16")
+
+
+def head_dtype(name: str | None, target) -> torch.dtype:
+    """The dtype the head drafts in: `head_dtype` (eagle, eagle3), else the target's. A bf16 head beside an
+    fp32 target is a CPU option (its one-row products cost about half); verification stays the target's."""
+    if not name:
+        return target.dtype
+    if name not in HEAD_DTYPES:
+        raise UserError(f"head_dtype must be {' or '.join(HEAD_DTYPES)}, got '{name}'")
+    if target.device.type != "cpu":
+        raise UserError(f"head_dtype applies on the CPU; on {target.device.type} the head drafts in the target's "
+                        "dtype: drop head_dtype")
+    return getattr(torch, name)
+
+
 def build_eagle(name: str, target, cfg) -> EagleDrafter:
     """The `eagle` / `eagle3` drafter: cfg.head, else the head shipped for this target."""
     folder = head_folder(name, target, cfg)
-    head = load_head(folder, target, name)
-    frozen = Frozen.of(target)
+    dtype = head_dtype(cfg.head_dtype, target)
+    head = load_head(folder, target, name, dtype)
+    frozen = Frozen.of(target).to(dtype)
     tree = tree_shape(cfg, target.device)
     if cfg.stop_below and tree is not None:
         raise UserError(f"stop_below applies to chains ({name}:k=K:total_tokens=0:stop_below=P); a tree already "

@@ -135,7 +135,8 @@ class Eagle3Head(nn.Module):
 
     def features(self, hidden: dict[int, torch.Tensor]) -> torch.Tensor:
         """Target hidden states {layer: [B, T, H]} -> the fused feature g [B, T, H]."""
-        return apply_linear(self.fc, torch.cat([hidden[layer] for layer in self.cfg.layers], -1))
+        cat = torch.cat([hidden[layer] for layer in self.cfg.layers], -1)
+        return apply_linear(self.fc, cat.to(self.fc.weight.dtype))  # (a bf16 head reads an fp32 target)
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
         ang = positions[..., None].float() * self.inv_freq  # [B, T, D/2]

@@ -119,6 +119,14 @@ class Frozen:
     lm_head: torch.Tensor
     eps: float
 
+    def to(self, dtype: torch.dtype) -> "Frozen":
+        """The same weights in `dtype` (a tied LM head stays one tensor)."""
+        if self.embed.dtype == dtype:
+            return self
+        embed = self.embed.to(dtype)
+        lm_head = embed if self.lm_head is self.embed else self.lm_head.to(dtype)
+        return Frozen(embed=embed, norm=self.norm.to(dtype), lm_head=lm_head, eps=self.eps)
+
     @classmethod
     def of(cls, target) -> "Frozen":
         model = hf_model_of(target)
@@ -185,7 +193,7 @@ class EagleHead(nn.Module):
 
     def features(self, hidden: dict[int, torch.Tensor]) -> torch.Tensor:
         """Target hidden states {layer: [B, T, H]} -> the head's feature [B, T, H]."""
-        return hidden[self.cfg.layers[0]]
+        return hidden[self.cfg.layers[0]].to(self.fc.weight.dtype)  # (a bf16 head reads an fp32 target)
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
         ang = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
@@ -286,8 +294,9 @@ def check_compatible(cfg: HeadConfig, target, variant: str, folder: str | Path) 
                             f"layers; {retrain}")
 
 
-def load_head(folder: str | Path, target, variant: str) -> nn.Module:
-    """Loads a head folder for `target`, checked against it, on the target's device and dtype."""
+def load_head(folder: str | Path, target, variant: str, dtype: torch.dtype | None = None) -> nn.Module:
+    """Loads a head folder for `target`, checked against it, on the target's device, in `dtype` (default
+    the target's)."""
     from safetensors.torch import load_file
 
     cfg = read_config(folder)
@@ -298,7 +307,7 @@ def load_head(folder: str | Path, target, variant: str) -> nn.Module:
     if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
         raise UserError(f"head weights in {folder} do not match its config.json: retrain the head")
     head.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
-    head = head.to(target.device, target.dtype).eval().requires_grad_(False)
+    head = head.to(target.device, dtype or target.dtype).eval().requires_grad_(False)
     head.inv_freq = rope_inv_freq(cfg.spec()).float().to(target.device)  # kept in fp32 whatever the dtype
     return head
 
