@@ -1,6 +1,6 @@
 """fp32 against bf16 for the two costs of `train-head --data sharegpt` on a CPU: the target's teacher-forced
 prefill (feature extraction, `--dtype`) and one optimiser step of the unrolled eagle3 head
-(`--mixed-precision bf16`, autocast). On CPUs with AVX512-BF16 (this project's AMD EPYC) bf16 products run
+(`--mixed-precision bf16`, autocast). On CPUs with bf16 products (AVX512-BF16, AMX: this project's Intel Xeon) they run
 several times faster than fp32 ones; the rest of a step (softmax, attention, copies) does not.
 
     python benchmarks/bench_train_dtype.py [--threads 2] [--repeats 4]

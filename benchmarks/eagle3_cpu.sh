@@ -5,7 +5,7 @@
 # (a drafter-only comparison). Writes results/smollm2-mtbench-eagle3-cpu/ and
 # results/smollm2-humaneval-eagle3-cpu/. VARIANTS=... replaces the drafter list (ar always runs first).
 #
-#   bash benchmarks/eagle3_cpu.sh            (about 25 minutes on 2 idle cores)
+#   bash benchmarks/eagle3_cpu.sh            (about 10 minutes on 2 idle cores of the Intel Xeon, 25 on the AMD EPYC)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

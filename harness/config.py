@@ -52,6 +52,9 @@ class RunConfig:
         return asdict(self)
 
 
+HEAD_DTYPES = ("float32", "bfloat16")  # head_dtype's choices (eagle, eagle3 on a CPU)
+
+
 PRESETS: dict[str, dict] = {
     # `make bench` on 2 CPU cores: every drafter on SmolLM2, two mini prompts per category
     "bench-cpu": dict(suite="mini", per_category=2, max_new_tokens=64,

@@ -7,7 +7,7 @@ import shlex
 import sys
 
 from harness.calibrate import parse_k
-from harness.config import PRESETS, RunConfig
+from harness.config import HEAD_DTYPES, PRESETS, RunConfig
 from harness.engine.fast import add_fast_flags, fast_fields
 from harness.errors import UserError
 
@@ -61,7 +61,7 @@ def register(sub) -> None:
     p.add_argument("--stop-below", type=float, default=None,
                    help="eagle/eagle3 chains: a row proposes its next draft only while the head's probability of "
                         "its chain so far times its next q's largest entry is >= P (0, the default: always --k)")
-    p.add_argument("--head-dtype", choices=("float32", "bfloat16"), default=None,
+    p.add_argument("--head-dtype", choices=HEAD_DTYPES, default=None,
                    help="eagle/eagle3 on a CPU: the dtype the head drafts in (default: the target's; bfloat16 "
                         "halves a draft step's products where the CPU has bf16 ones; verification stays the target's)")
     p.add_argument("--vllm-head", default=None,

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from harness.config import HEAD_DTYPES
 from harness.drafters.base import Committed, DraftContext, Drafter, sample_or_argmax
 from harness.errors import UserError
 from harness.drafters.heads import EagleHead, Frozen, head_folder, load_head
@@ -418,9 +419,6 @@ class EagleDrafter(Drafter):
                         q=q.gather(1, order[..., None].expand(-1, -1, V)) * keep[..., None],
                         parents=torch.where(keep, new_par, -1), depth=torch.where(keep, depth.gather(1, order), 0),
                         num_nodes=n_live, bounds=greedy.bounds)  # padding: token 0, q 0, parent -1, depth 0
-
-
-HEAD_DTYPES = ("float32", "bfloat16")
 
 
 def head_dtype(name: str | None, target) -> torch.dtype:
